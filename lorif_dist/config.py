@@ -1,0 +1,394 @@
+"""Configuration: one dataclass per stage, loaded from YAML and `--section.field` overrides.
+
+Every field is validated when the config is built; all problems are collected and raised
+once, each naming the field as a user writes it (`extract.factor_rank`), the allowed range
+and the value given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+class ConfigError(ValueError):
+    """One or more config fields are invalid; the message lists every problem."""
+
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("invalid config:\n  " + "\n  ".join(self.problems))
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to attribute, and how to run it."""
+
+    # A local Hugging Face checkpoint directory (config.json + weights).
+    name_or_path: str = ""
+    # Compute dtype of the model's forward and backward passes.
+    dtype: str = "float32"
+    # "cpu", "cuda", or "auto" (cuda:<local_rank> when CUDA is available).
+    device: str = "auto"
+    trust_remote_code: bool = False
+    # Recompute activations in backward to save memory (non-reentrant checkpointing).
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Training examples: Alpaca (instruction/input/output) or chat `messages` records."""
+
+    # json, jsonl or parquet files; example ids run over them in the order given.
+    train_files: list[str] = field(default_factory=list)
+    # "auto" detects per file from its first record.
+    format: str = "auto"
+    max_length: int = 512
+    # Use the tokenizer's chat template when it has one (plain "prompt\nresponse" otherwise).
+    chat_template: bool = True
+    system_prompt: str | None = None
+    # Replace "{{key}}" in every text field with the value (e.g. identity data sets).
+    template_vars: dict[str, str] = field(default_factory=dict)
+    # Keep only the first `limit` examples (None: all).
+    limit: int | None = None
+
+
+@dataclass
+class ExtractConfig:
+    """Per-example projected gradients and their rank-c factors."""
+
+    # Regex searched in module names; only nn.Linear / Conv1D modules are considered.
+    layers: str = r"(attn|attention|mlp)\.[^.]+$"
+    # Regex of module names to leave out even if `layers` matches (None: none).
+    exclude_layers: str | None = None
+    projection_factor: int = 8
+    # Base seed for the random projections; each layer's seed derives from it and its name.
+    seed: int = 0
+    factor_rank: int = 1
+    # Store every layer at rank min(d1, d2) instead: exact factors, for validation.
+    exact_factors: bool = False
+    # "auto" picks the cheaper of an exact SVD and block power iteration.
+    factor_method: str = "auto"
+    power_iters: int = 4
+    # Per-example loss: "sum" or "mean" over response tokens.
+    loss_reduction: str = "sum"
+    # Token budget of a batch (padded length x batch size) and a cap on examples per batch.
+    batch_tokens: int = 8192
+    max_batch_size: int = 64
+    padding_side: str = "right"
+    # Dtype of projections and accumulated per-example gradients (float64 for exact tests).
+    accumulate_dtype: str = "float32"
+    # Stored factor dtype: float16 factors are unit-norm columns beside a float32 scale.
+    storage_dtype: str = "float16"
+    # Write to disk (and update the resume point) every this many examples.
+    flush_examples: int = 256
+
+
+@dataclass
+class CurvatureConfig:
+    """Randomized SVD of each layer's G^T G and its damping."""
+
+    rank: int = 64
+    oversample: int = 16
+    power_iters: int = 2
+    # "relative": lambda = damping * trace(G^T G) / D (the mean eigenvalue);
+    # "absolute": lambda = damping.
+    damping_rule: str = "relative"
+    damping: float = 0.1
+    # Examples per densified block while streaming factors.
+    batch_examples: int = 512
+    compute_dtype: str = "float32"
+    # Cache V^T g_t per training example so the factored query path costs O(c^2 (d1+d2) + r).
+    cache_coordinates: bool = True
+
+
+@dataclass
+class QueryConfig:
+    """Queries to explain and how to score them."""
+
+    # Query files (same formats as data.train_files) ...
+    files: list[str] = field(default_factory=list)
+    # ... and/or prompts whose responses the model generates greedily.
+    prompts: list[str] = field(default_factory=list)
+    max_new_tokens: int = 64
+    top_k: int = 10
+    # "dense": exact split-Woodbury preconditioned queries dotted with densified factors.
+    # "factored": queries factored at rank `factor_rank`, cached train coordinates;
+    # "auto": factored when coordinates are cached and it is cheaper.
+    path: str = "dense"
+    factor_rank: int | None = None
+    # Also write the full (num_queries x num_train) score matrix.
+    save_scores: bool = False
+    batch_examples: int = 512
+    output: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """Where the index lives and how the job is split."""
+
+    index_dir: str = "runs/index"
+    # "none": every rank holds the whole model; "fsdp": FSDP2 per decoder block;
+    # "zero3": DeepSpeed ZeRO-3.
+    parallel: str = "none"
+    # Array task split (SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT when not given).
+    task_id: int | None = None
+    num_tasks: int | None = None
+    # "auto": progress bars only on an interactive terminal; "on"; "off".
+    progress: str = "auto"
+    # Curvature and query read and reduce over ranks with this collectives backend.
+    backend: str = "auto"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        problems = _check(self)
+        if problems:
+            raise ConfigError(problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """A short stable hash of the named sections (what an artifact depends on)."""
+        payload = {name: asdict(getattr(self, name)) for name in sections}
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _choice(problems: list[str], name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        problems.append(f"{name}: expected one of {list(allowed)}, got {value!r}")
+
+
+def _at_least(problems: list[str], name: str, value: Any, low: float) -> None:
+    if not isinstance(value, (int, float)) or value < low:
+        problems.append(f"{name}: expected a number >= {low}, got {value!r}")
+
+
+def _check(cfg: Config) -> list[str]:
+    p: list[str] = []
+    m, d, e, c, q, r = cfg.model, cfg.data, cfg.extract, cfg.curvature, cfg.query, cfg.run
+    _choice(p, "model.dtype", m.dtype, DTYPES)
+    if m.device not in ("auto", "cpu", "cuda") and not str(m.device).startswith("cuda:"):
+        p.append(f"model.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {m.device!r}")
+    _choice(p, "data.format", d.format, ("auto", "alpaca", "messages"))
+    _at_least(p, "data.max_length", d.max_length, 2)
+    if d.limit is not None:
+        _at_least(p, "data.limit", d.limit, 1)
+    _at_least(p, "extract.projection_factor", e.projection_factor, 1)
+    _at_least(p, "extract.factor_rank", e.factor_rank, 1)
+    _choice(p, "extract.factor_method", e.factor_method, ("auto", "svd", "power"))
+    _at_least(p, "extract.power_iters", e.power_iters, 1)
+    _choice(p, "extract.loss_reduction", e.loss_reduction, ("sum", "mean"))
+    _at_least(p, "extract.batch_tokens", e.batch_tokens, 1)
+    _at_least(p, "extract.max_batch_size", e.max_batch_size, 1)
+    _choice(p, "extract.padding_side", e.padding_side, ("left", "right"))
+    _choice(p, "extract.accumulate_dtype", e.accumulate_dtype, ("float32", "float64"))
+    _choice(p, "extract.storage_dtype", e.storage_dtype, ("float16", "float32", "float64"))
+    _at_least(p, "extract.flush_examples", e.flush_examples, 1)
+    _at_least(p, "curvature.rank", c.rank, 1)
+    _at_least(p, "curvature.oversample", c.oversample, 0)
+    _at_least(p, "curvature.power_iters", c.power_iters, 0)
+    _choice(p, "curvature.damping_rule", c.damping_rule, ("relative", "absolute"))
+    if not isinstance(c.damping, (int, float)) or not c.damping > 0:
+        p.append(f"curvature.damping: expected a number > 0, got {c.damping!r}")
+    _at_least(p, "curvature.batch_examples", c.batch_examples, 1)
+    _choice(p, "curvature.compute_dtype", c.compute_dtype, ("float32", "float64"))
+    _at_least(p, "query.top_k", q.top_k, 1)
+    _at_least(p, "query.max_new_tokens", q.max_new_tokens, 1)
+    _choice(p, "query.path", q.path, ("auto", "dense", "factored"))
+    if q.factor_rank is not None:
+        _at_least(p, "query.factor_rank", q.factor_rank, 1)
+    _at_least(p, "query.batch_examples", q.batch_examples, 1)
+    _choice(p, "run.parallel", r.parallel, ("none", "fsdp", "zero3"))
+    _choice(p, "run.progress", r.progress, ("auto", "on", "off"))
+    _choice(p, "run.backend", r.backend, ("auto", "torch", "mpi", "single"))
+    if r.num_tasks is not None:
+        _at_least(p, "run.num_tasks", r.num_tasks, 1)
+    if r.task_id is not None:
+        _at_least(p, "run.task_id", r.task_id, 0)
+        if r.num_tasks is not None and r.task_id >= r.num_tasks:
+            p.append(f"run.task_id: expected < run.num_tasks ({r.num_tasks}), got {r.task_id}")
+    return p
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: YAML file, then overrides, then validation.
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Turns a CLI string (or YAML scalar) into the field's declared type."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], name) for v in value]
+    if origin is dict:
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes", "on"):
+            return True
+        if str(value).lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if hint is int:
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from e
+    if hint is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from e
+    if hint is str:
+        return str(value)
+    return value
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in fields(Config)}
+
+
+def build_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
+    """Builds a validated Config from nested dicts; unknown keys are errors."""
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    section_types = _section_types()
+    for key in raw:
+        if key not in section_types:
+            problems.append(f"{key}: unknown section; expected one of {list(section_types)}")
+    for name, cls in section_types.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            problems.append(f"{name}: expected a mapping of fields, got {values!r}")
+            continue
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                problems.append(f"{name}.{key}: unknown field; expected one of {sorted(hints)}")
+                continue
+            try:
+                kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+            except ConfigError as e:
+                problems.append(str(e))
+        try:
+            sections[name] = cls(**kwargs)
+        except TypeError as e:
+            problems.append(f"{name}: {e}")
+    try:
+        cfg = Config(**sections)
+    except ConfigError as e:
+        problems.extend(e.problems)
+    if problems:
+        raise ConfigError(problems)
+    if base_dir is not None:
+        _resolve_paths(cfg, base_dir)
+    return cfg
+
+
+def _resolve_paths(cfg: Config, base_dir: Path) -> None:
+    """Expands ~ and $VARS in paths; relative data paths stay relative to the caller's cwd."""
+
+    def fix(p: str) -> str:
+        return os.path.expandvars(os.path.expanduser(p)) if p else p
+
+    cfg.model.name_or_path = fix(cfg.model.name_or_path)
+    cfg.data.train_files = [fix(p) for p in cfg.data.train_files]
+    cfg.query.files = [fix(p) for p in cfg.query.files]
+    cfg.run.index_dir = fix(cfg.run.index_dir)
+    if cfg.query.output:
+        cfg.query.output = fix(cfg.query.output)
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """Parses ["--extract.factor_rank", "2", "--run.index_dir=x"] into nested dicts."""
+    out: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--") or "." not in item:
+            raise ConfigError(
+                f"unexpected argument {item!r}: overrides look like --section.field VALUE "
+                "(for example --extract.projection_factor 16)"
+            )
+        key = item[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(items):
+                raise ConfigError(f"{item}: missing a value")
+            value = items[i + 1]
+            i += 2
+        section, _, name = key.partition(".")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Loads a YAML recipe (or the defaults) and applies `--section.field VALUE` overrides."""
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"config file {str(path)!r} not found; pass a YAML recipe such as configs/tiny.yaml"
+            )
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for section, values in parse_overrides(overrides or []).items():
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section].update(values)
+    return build_config(raw, base)
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """A copy of cfg with some fields of some sections changed (validated again)."""
+    new = {name: dataclasses.replace(getattr(cfg, name), **vals) for name, vals in sections.items()}
+    return dataclasses.replace(cfg, **new)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,334 @@
+"""Stage 1, extract: per-example projected gradients -> rank-c factors in HDF5 shards.
+
+Work assignment is deterministic: examples are ordered by length (longest first, ties by
+id) and dealt round-robin to array tasks, then to ranks, so every (task, rank) gets a
+similar number of tokens and can be rerun alone. Each (task, rank) writes only its own shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorif_dist import __version__
+from lorif_dist.capture import GradientCapture
+from lorif_dist.config import Config
+from lorif_dist.data import Example, collate, fingerprint, load_examples, token_budget_batches
+from lorif_dist.distributed import Runtime
+from lorif_dist.factorize import factorize, start_block
+from lorif_dist.logging_utils import Timer, human_bytes, logger, progress, summary
+from lorif_dist.manifest import identity_config, open_or_create, record_shard
+from lorif_dist.modeling import (
+    TORCH_DTYPES,
+    LayerSpec,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    per_example_loss,
+    select_layers,
+)
+from lorif_dist.projection import build_projections, layer_seed, projection_hash
+from lorif_dist.storage import (
+    FactorBlock,
+    ShardWriter,
+    concat_blocks,
+    shard_name,
+    shard_path,
+    to_storage,
+)
+
+
+class GradientExtractor:
+    """A model with hooks on its tracked layers, turning batches into projected gradients.
+
+    Shared by extraction (train side) and query (query side), so both sides use the same
+    layers, projections, loss and dtype by construction.
+    """
+
+    def __init__(self, cfg: Config, runtime: Runtime, model: Any = None, tokenizer: Any = None):
+        self.cfg = cfg
+        self.runtime = runtime
+        self.acc_dtype = TORCH_DTYPES[cfg.extract.accumulate_dtype]
+        if cfg.model.dtype == "float64":
+            self.acc_dtype = torch.float64
+        self.tokenizer = tokenizer or load_tokenizer(
+            cfg.model.name_or_path, cfg.model.trust_remote_code
+        )
+        if model is None:
+            model = self._load_model()
+        self.model = model
+        self.specs: list[LayerSpec] = select_layers(
+            model, cfg.extract.layers, cfg.extract.exclude_layers
+        )
+        self.projections = {
+            name: proj.to(runtime.device)
+            for name, proj in build_projections(
+                self.specs, cfg.extract.projection_factor, cfg.extract.seed, self.acc_dtype
+            ).items()
+        }
+        self.factor_ranks = {
+            name: min(p.d1, p.d2) if cfg.extract.exact_factors else cfg.extract.factor_rank
+            for name, p in self.projections.items()
+        }
+        for proj in self.projections.values():
+            if self.factor_ranks[proj.spec.name] > min(proj.d1, proj.d2):
+                raise ValueError(
+                    f"extract.factor_rank={cfg.extract.factor_rank} exceeds min(d1, d2) = "
+                    f"{min(proj.d1, proj.d2)} of layer {proj.spec.name!r} "
+                    f"(d1={proj.d1}, d2={proj.d2}); lower factor_rank or projection_factor"
+                )
+        self.capture = GradientCapture(self.model, self.projections, self.acc_dtype)
+        self.capture.__enter__()
+
+    def _load_model(self) -> Any:
+        cfg = self.cfg
+        if cfg.run.parallel != "none":
+            from lorif_dist.parallel import load_sharded_model
+
+            return load_sharded_model(cfg, self.runtime)
+        model = load_model(
+            cfg.model.name_or_path,
+            cfg.model.dtype,
+            cfg.model.trust_remote_code,
+            self.runtime.device,
+        )
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        return model
+
+    def close(self) -> None:
+        self.capture.__exit__(None, None, None)
+
+    @property
+    def response_logits_only(self) -> bool:
+        return self.cfg.run.parallel != "fsdp"
+
+    def batch_gradients(
+        self, batch: Sequence[Example]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Per-example losses [B], projected gradients {layer: [B, d1, d2]}, finite mask [B]."""
+        pad_id = self.tokenizer.pad_token_id
+        enc = collate(batch, pad_id, self.cfg.extract.padding_side)
+        enc = {k: v.to(self.runtime.device) for k, v in enc.items()}
+        self.capture.begin(enc["attention_mask"])
+        with torch.enable_grad():
+            losses = per_example_loss(
+                self.model, enc, self.cfg.extract.loss_reduction, self.response_logits_only
+            )
+            losses.sum().backward()
+        grads = self.capture.collect()
+        finite = torch.isfinite(losses.detach())
+        for grad in grads.values():
+            finite &= torch.isfinite(grad).flatten(1).all(dim=1)
+        return losses.detach(), grads, finite
+
+    def factor_block(self, batch: Sequence[Example]) -> FactorBlock:
+        """Factors of one batch, on the CPU in stored dtypes; non-finite examples dropped."""
+        ex = self.cfg.extract
+        losses, grads, finite = self.batch_gradients(batch)
+        keep = finite.nonzero(as_tuple=True)[0]
+        kept_ids = [batch[i].example_id for i in keep.tolist()]
+        left, right, scale = {}, {}, {}
+        for name, grad in grads.items():
+            rank = self.factor_ranks[name]
+            start = start_block(
+                grad.shape[2], rank, layer_seed(ex.seed, name, "factor"), grad.dtype
+            )
+            l_f, s_f, r_f = factorize(grad[keep], rank, ex.factor_method, ex.power_iters, start)
+            left[name], scale[name], right[name] = to_storage(l_f, s_f, r_f, ex.storage_dtype)
+        return FactorBlock(
+            example_ids=np.asarray(kept_ids, dtype=np.int64),
+            losses=losses[keep].float().cpu().numpy(),
+            num_tokens=np.asarray([batch[i].num_tokens for i in keep.tolist()], dtype=np.int32),
+            left=left,
+            right=right,
+            scale=scale,
+            skipped_ids=[
+                b.example_id for b, ok in zip(batch, finite.tolist(), strict=False) if not ok
+            ],
+        )
+
+    def layer_table(self) -> list[dict[str, Any]]:
+        return [
+            {
+                **spec.to_dict(),
+                "d1": self.projections[spec.name].d1,
+                "d2": self.projections[spec.name].d2,
+                "c": self.factor_ranks[spec.name],
+            }
+            for spec in self.specs
+        ]
+
+    def identity(self, dataset_fingerprint: str) -> dict[str, Any]:
+        """What the stored values depend on; an index refuses a run whose identity differs."""
+        cfg = self.cfg
+        return {
+            "config": identity_config(cfg.to_dict()),
+            "model": model_fingerprint(self.model, cfg.model.name_or_path),
+            "dataset_fingerprint": dataset_fingerprint,
+            "projection": {
+                "seed": cfg.extract.seed,
+                "factor": cfg.extract.projection_factor,
+                "hash": projection_hash(self.projections),
+            },
+            "layers": self.layer_table(),
+        }
+
+
+def assign_examples(
+    examples: Sequence[Example], task_id: int, num_tasks: int, rank: int, world_size: int
+) -> list[Example]:
+    """This (task, rank)'s examples: length-sorted, dealt round-robin to tasks then ranks."""
+    order = sorted(examples, key=lambda ex: (-ex.num_tokens, ex.example_id))
+    return order[task_id::num_tasks][rank::world_size]
+
+
+def load_train_examples(cfg: Config, tokenizer: Any):
+    d = cfg.data
+    return load_examples(
+        tokenizer,
+        d.train_files,
+        d.format,
+        d.max_length,
+        d.chat_template,
+        d.system_prompt,
+        d.template_vars,
+        d.limit,
+    )
+
+
+@dataclass
+class ExtractResult:
+    num_examples: int
+    num_tokens: int
+    num_skipped: int
+    bytes_written: int
+    seconds: float
+
+
+def run_extract(
+    cfg: Config, runtime: Runtime, extractor: GradientExtractor | None = None
+) -> ExtractResult:
+    """Extracts this process's shard of the index (one array task, one rank)."""
+    timer = Timer()
+    coll = runtime.collective
+    # Prepare: model, data, manifest, this shard's work.
+    extractor = extractor or GradientExtractor(cfg, runtime)
+    examples, report = load_train_examples(cfg, extractor.tokenizer)
+    dataset_info = {
+        "num_records": report.num_records,
+        "num_examples": len(examples),
+        "num_truncated": report.num_truncated,
+        "skipped": {str(k): v for k, v in report.skipped.items()},
+        "max_length": cfg.data.max_length,
+        "loss_reduction": cfg.extract.loss_reduction,
+    }
+    identity = extractor.identity(fingerprint(examples))
+    layout = {"num_tasks": runtime.num_tasks, "world_size": runtime.world_size}
+    open_or_create(cfg.run.index_dir, identity, layout, dataset_info, __version__)
+    from lorif_dist.manifest import update_section
+
+    if runtime.is_main:
+        update_section(cfg.run.index_dir, "config", cfg.to_dict())
+        logger.info(
+            "extract: %d examples (%d skipped, %d truncated at %d tokens), %d layers, f=%d, c=%d, "
+            "%d task(s) x %d rank(s), index %s",
+            len(examples),
+            len(report.skipped),
+            report.num_truncated,
+            cfg.data.max_length,
+            len(extractor.specs),
+            cfg.extract.projection_factor,
+            cfg.extract.factor_rank,
+            runtime.num_tasks,
+            runtime.world_size,
+            cfg.run.index_dir,
+        )
+    mine = assign_examples(
+        examples, runtime.task_id, runtime.num_tasks, runtime.rank, runtime.world_size
+    )
+    batches = token_budget_batches(mine, cfg.extract.batch_tokens, cfg.extract.max_batch_size)
+    writer = ShardWriter(
+        shard_path(cfg.run.index_dir, runtime.task_id, runtime.rank),
+        cfg.section_hash("model", "data", "extract"),
+        {n: (p.d1, p.d2, extractor.factor_ranks[n]) for n, p in extractor.projections.items()},
+        cfg.extract.storage_dtype,
+    )
+    done = len(batches) if writer.complete else writer.resume_point()
+    if done and runtime.is_main:
+        logger.info("extract: resuming after %d of %d batches", done, len(batches))
+
+    # Local work: batches -> factors -> parts on disk every flush_examples examples.
+    stats = _extract_batches(cfg, runtime, extractor, writer, batches, done)
+
+    # Write: join parts into the shard, record it in the manifest.
+    if not writer.complete:
+        num_stored, sha = writer.finalize()
+        record_shard(
+            cfg.run.index_dir,
+            shard_name(runtime.task_id, runtime.rank),
+            {
+                "num_examples": num_stored,
+                "bytes": writer.path.stat().st_size,
+                "sha256": sha,
+                "skipped_nonfinite": stats["skipped_ids"],
+            },
+        )
+    coll.barrier()
+
+    # Summary across ranks: totals, and the slowest rank's time.
+    totals = coll.all_reduce_sum(
+        torch.tensor(
+            [stats["examples"], stats["tokens"], len(stats["skipped_ids"]), stats["bytes"]],
+            dtype=torch.float64,
+        )
+    ).tolist()
+    seconds = coll.max_float(timer.seconds)
+    result = ExtractResult(int(totals[0]), int(totals[1]), int(totals[2]), int(totals[3]), seconds)
+    summary(
+        "extract",
+        examples=result.num_examples,
+        tokens=result.num_tokens,
+        skipped_nonfinite=result.num_skipped,
+        examples_per_s=result.num_examples / max(seconds, 1e-9),
+        written=human_bytes(result.bytes_written),
+        seconds=seconds,
+    )
+    return result
+
+
+def _extract_batches(
+    cfg: Config,
+    runtime: Runtime,
+    extractor: GradientExtractor,
+    writer: ShardWriter,
+    batches: list[list[Example]],
+    done: int,
+) -> dict[str, Any]:
+    stats: dict[str, Any] = {"examples": 0, "tokens": 0, "bytes": 0, "skipped_ids": []}
+    pending: list[FactorBlock] = []
+    part_start = done
+    todo = range(done, len(batches))
+    for index in progress(todo, len(todo), "extract", cfg.run.progress, unit="batch"):
+        batch = batches[index]
+        block = extractor.factor_block(batch)
+        pending.append(block)
+        stats["examples"] += block.num_examples
+        stats["tokens"] += int(sum(ex.num_tokens for ex in batch))
+        stats["skipped_ids"].extend(block.skipped_ids)
+        if block.skipped_ids:
+            logger.warning(
+                "extract: non-finite loss or gradient, skipped examples %s", block.skipped_ids
+            )
+        if sum(b.num_examples + len(b.skipped_ids) for b in pending) >= cfg.extract.flush_examples:
+            stats["bytes"] += writer.write_part(concat_blocks(pending), part_start, index + 1)
+            pending, part_start = [], index + 1
+    if pending:
+        stats["bytes"] += writer.write_part(concat_blocks(pending), part_start, len(batches))
+    return stats

@@ -1,0 +1,296 @@
+"""Per-(task, rank) HDF5 shards of rank-c factors, written crash-safely and resumably.
+
+A finished shard, `shards/task-TTTT/rank-RRRRR.h5`, holds:
+
+    /example_id                (n,)        int64    global example ids, in processing order
+    /loss                      (n,)        float32  per-example loss
+    /num_tokens                (n,)        int32    tokens of the example (prompt + response)
+    /layers/<name>/left        (n, d1, c)  storage dtype, unit-norm columns
+    /layers/<name>/right       (n, d2, c)  storage dtype, unit-norm columns
+    /layers/<name>/scale       (n, c)      float32 (float64 when stored in float64)
+    /skipped_example_id        (k,)        int64    examples dropped for a non-finite loss or
+                                                    gradient
+    attrs: complete, num_examples_done, config_hash, storage_dtype
+
+A projected gradient is left @ diag(scale) @ right^T. HDF5 has no bfloat16; unit-norm
+columns lie in [-1, 1], where float16 neither overflows nor loses its 11-bit precision to
+underflow for widths up to ~10^6, and the norm lives in the float32 scale.
+
+While a shard is being written it does not exist under its final name. Every flush writes
+one part file (`rank-RRRRR.parts/part-NNNNNN.h5`) to a temporary name, fsyncs it and renames
+it, so a crash leaves only whole parts behind; a rerun resumes after the last whole part.
+When all batches are done the parts are joined into the shard (again temp + rename) and
+removed. Joining copies bytes in a fixed order, so a resumed shard is bit-identical to one
+written without interruption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+NP_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
+
+
+def shard_name(task_id: int, rank: int) -> str:
+    return f"task-{task_id:04d}/rank-{rank:05d}"
+
+
+def shard_path(index_dir: str | Path, task_id: int, rank: int) -> Path:
+    return Path(index_dir) / "shards" / f"{shard_name(task_id, rank)}.h5"
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Makes a fully written file visible under its final name, durably."""
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+@dataclass
+class FactorBlock:
+    """Factors of a group of examples, on the CPU, ready to write."""
+
+    example_ids: np.ndarray  # (n,) int64
+    losses: np.ndarray  # (n,) float32
+    num_tokens: np.ndarray  # (n,) int32
+    left: dict[str, np.ndarray]  # layer -> (n, d1, c)
+    right: dict[str, np.ndarray]  # layer -> (n, d2, c)
+    scale: dict[str, np.ndarray]  # layer -> (n, c)
+    skipped_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.example_ids.shape[0])
+
+
+def concat_blocks(blocks: Sequence[FactorBlock]) -> FactorBlock:
+    layers = blocks[0].left.keys()
+    cat = np.concatenate
+    return FactorBlock(
+        example_ids=cat([b.example_ids for b in blocks]),
+        losses=cat([b.losses for b in blocks]),
+        num_tokens=cat([b.num_tokens for b in blocks]),
+        left={k: cat([b.left[k] for b in blocks]) for k in layers},
+        right={k: cat([b.right[k] for b in blocks]) for k in layers},
+        scale={k: cat([b.scale[k] for b in blocks]) for k in layers},
+        skipped_ids=[i for b in blocks for i in b.skipped_ids],
+    )
+
+
+def to_storage(
+    left: torch.Tensor, scale: torch.Tensor, right: torch.Tensor, storage_dtype: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Casts factors to their stored dtypes (factors are unit-norm columns already)."""
+    np_dtype = NP_DTYPES[storage_dtype]
+    scale_dtype = np.float64 if storage_dtype == "float64" else np.float32
+    return (
+        left.detach().cpu().numpy().astype(np_dtype),
+        scale.detach().cpu().numpy().astype(scale_dtype),
+        right.detach().cpu().numpy().astype(np_dtype),
+    )
+
+
+def _write_block(h5: h5py.File, block: FactorBlock, chunk_rows: int) -> None:
+    n = block.num_examples
+    rows = max(1, min(n, chunk_rows))
+    h5.create_dataset("example_id", data=block.example_ids.astype(np.int64))
+    h5.create_dataset("loss", data=block.losses.astype(np.float32))
+    h5.create_dataset("num_tokens", data=block.num_tokens.astype(np.int32))
+    h5.create_dataset("skipped_example_id", data=np.asarray(block.skipped_ids, dtype=np.int64))
+    group = h5.create_group("layers")
+    for name in block.left:
+        g = group.create_group(name)
+        for key, arr in (
+            ("left", block.left[name]),
+            ("right", block.right[name]),
+            ("scale", block.scale[name]),
+        ):
+            chunks = (rows,) + arr.shape[1:] if n else None
+            g.create_dataset(key, data=arr, chunks=chunks)
+
+
+def _read_block(h5: h5py.File) -> FactorBlock:
+    layers = h5["layers"]
+    return FactorBlock(
+        example_ids=h5["example_id"][...],
+        losses=h5["loss"][...],
+        num_tokens=h5["num_tokens"][...],
+        left={k: layers[k]["left"][...] for k in layers},
+        right={k: layers[k]["right"][...] for k in layers},
+        scale={k: layers[k]["scale"][...] for k in layers},
+        skipped_ids=h5["skipped_example_id"][...].tolist(),
+    )
+
+
+class ShardWriter:
+    """Writes one (task, rank) shard in parts; resumes after the last complete part.
+
+    Args:
+        path: the final shard path.
+        config_hash: identity of the extraction config; parts of another config are refused.
+        layer_dims: tracked layer name -> (d1, d2, c), in the order they are stored.
+        storage_dtype: "float16", "float32" or "float64".
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        config_hash: str,
+        layer_dims: dict[str, tuple[int, int, int]],
+        storage_dtype: str,
+    ) -> None:
+        self.path = Path(path)
+        self.parts_dir = self.path.with_suffix(".parts")
+        self.config_hash = config_hash
+        self.layer_dims = dict(layer_dims)
+        self.storage_dtype = storage_dtype
+
+    @property
+    def complete(self) -> bool:
+        return self.path.is_file()
+
+    def resume_point(self) -> int:
+        """Number of batches already written by whole parts (0 for a fresh shard)."""
+        if not self.parts_dir.is_dir():
+            return 0
+        for stale in self.parts_dir.glob("*.tmp"):
+            stale.unlink()  # a part whose write was interrupted
+        batches_done = 0
+        for part in sorted(self.parts_dir.glob("part-*.h5")):
+            with h5py.File(part, "r") as h5:
+                found = h5.attrs.get("config_hash")
+                if found != self.config_hash:
+                    raise ValueError(
+                        f"{part} was written with config hash {found}, this run has "
+                        f"{self.config_hash}; finish it with the original config, or delete "
+                        f"{self.parts_dir} to start this shard over"
+                    )
+                if int(h5.attrs["batch_start"]) != batches_done:
+                    raise ValueError(f"{part}: parts are not contiguous; delete {self.parts_dir}")
+                batches_done = int(h5.attrs["batch_stop"])
+        return batches_done
+
+    def write_part(self, block: FactorBlock, batch_start: int, batch_stop: int) -> int:
+        """Durably writes the factors of batches [batch_start, batch_stop); returns bytes."""
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        final = self.parts_dir / f"part-{batch_start:06d}.h5"
+        tmp = final.with_suffix(".tmp")
+        with h5py.File(tmp, "w") as h5:
+            _write_block(h5, block, chunk_rows=block.num_examples)
+            h5.attrs.update(
+                config_hash=self.config_hash, batch_start=batch_start, batch_stop=batch_stop
+            )
+        _publish(tmp, final)
+        return final.stat().st_size
+
+    def finalize(self, chunk_rows: int = 64) -> tuple[int, str]:
+        """Joins the parts into the shard, removes them; returns (num_examples, sha256)."""
+        parts = sorted(self.parts_dir.glob("part-*.h5")) if self.parts_dir.is_dir() else []
+        blocks = []
+        for part in parts:
+            with h5py.File(part, "r") as h5:
+                blocks.append(_read_block(h5))
+        block = concat_blocks(blocks) if blocks else self._empty_block()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".h5.tmp")
+        # track_order and fixed attrs keep the file bytes a function of the contents only.
+        with h5py.File(tmp, "w", track_order=True) as h5:
+            _write_block(h5, block, chunk_rows)
+            h5.attrs.update(
+                complete=True,
+                num_examples_done=block.num_examples,
+                config_hash=self.config_hash,
+                storage_dtype=self.storage_dtype,
+            )
+        _publish(tmp, self.path)
+        if self.parts_dir.is_dir():
+            shutil.rmtree(self.parts_dir)
+        return block.num_examples, file_sha256(self.path)
+
+    def _empty_block(self) -> FactorBlock:
+        """A rank with no examples still writes a (valid, empty) shard."""
+        np_dtype = NP_DTYPES[self.storage_dtype]
+        scale_dtype = np.float64 if self.storage_dtype == "float64" else np.float32
+        dims = self.layer_dims
+        return FactorBlock(
+            example_ids=np.zeros(0, np.int64),
+            losses=np.zeros(0, np.float32),
+            num_tokens=np.zeros(0, np.int32),
+            left={name: np.zeros((0, d1, c), np_dtype) for name, (d1, _, c) in dims.items()},
+            right={name: np.zeros((0, d2, c), np_dtype) for name, (_, d2, c) in dims.items()},
+            scale={name: np.zeros((0, c), scale_dtype) for name, (_, _, c) in dims.items()},
+        )
+
+
+class ShardReader:
+    """Reads a finished shard's factors layer by layer, in row blocks."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"shard {self.path} does not exist")
+        try:
+            self.h5 = h5py.File(self.path, "r")
+        except OSError as e:
+            raise ValueError(
+                f"shard {self.path} is not a readable HDF5 file ({e}); it is truncated or "
+                "corrupted: delete it and rerun extraction for its task and rank"
+            ) from e
+        if not self.h5.attrs.get("complete", False):
+            raise ValueError(f"shard {self.path} is not marked complete; rerun its extraction")
+        self.example_ids = self.h5["example_id"][...]
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.h5.close()
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.example_ids.shape[0])
+
+    def read(
+        self, layer: str, start: int, stop: int, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(left [n, d1, c], scale [n, c], right [n, d2, c]) for rows [start, stop)."""
+        g = self.h5["layers"][layer]
+        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)  # noqa: E731
+        return (
+            as_tensor(g["left"][start:stop]),
+            as_tensor(g["scale"][start:stop]),
+            as_tensor(g["right"][start:stop]),
+        )
+
+    def nbytes(self, layer: str) -> int:
+        g = self.h5["layers"][layer]
+        return sum(g[k].id.get_storage_size() for k in ("left", "right", "scale"))
