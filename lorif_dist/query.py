@@ -42,7 +42,13 @@ import torch
 
 from lorif_dist.config import Config
 from lorif_dist.curvature import coords_path, load_curvature, shard_file
-from lorif_dist.data import Example, load_examples, read_records, to_messages, token_budget_batches
+from lorif_dist.data import (
+    Example,
+    read_records,
+    to_messages,
+    token_budget_batches,
+    tokenize_records,
+)
 from lorif_dist.distributed import Runtime
 from lorif_dist.extract import GradientExtractor
 from lorif_dist.factorize import densify, factorize, start_block
@@ -107,22 +113,16 @@ def load_queries(cfg: Config, extractor: GradientExtractor) -> list[Example]:
         records.extend(generate_responses(extractor, cfg.query.prompts, cfg.query.max_new_tokens))
     if not records:
         raise ValueError("no queries: set query.files and/or query.prompts")
-    tmp = Path(cfg.run.index_dir) / ".queries.tmp.jsonl"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     d = cfg.data
-    try:
-        examples, report = load_examples(
-            extractor.tokenizer,
-            [str(tmp)],
-            d.format,
-            d.max_length,
-            d.chat_template,
-            d.system_prompt,
-            d.template_vars,
-        )
-    finally:
-        tmp.unlink(missing_ok=True)
+    examples, report = tokenize_records(
+        extractor.tokenizer,
+        records,
+        d.format,
+        d.max_length,
+        d.chat_template,
+        d.system_prompt,
+        d.template_vars,
+    )
     if report.skipped:
         logger.warning("query: skipped queries %s", report.skipped)
     return examples
