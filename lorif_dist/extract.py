@@ -94,7 +94,7 @@ class GradientExtractor:
 
     def _load_model(self) -> Any:
         cfg = self.cfg
-        warn_launcher_mismatch(cfg)
+        warn_launcher_mismatch(cfg, self.runtime)
         if cfg.run.parallel != "none":
             return load_sharded_model(cfg, self.runtime)
         model = load_model(

@@ -271,14 +271,14 @@ def dummy_batch(examples: Sequence[Example]) -> list[Example]:
     return [min(examples, key=lambda ex: (ex.num_tokens, ex.example_id))]
 
 
-def warn_launcher_mismatch(cfg: Config) -> None:
-    """Warns when accelerate was told to shard but run.parallel says otherwise."""
+def warn_launcher_mismatch(cfg: Config, runtime: Runtime) -> None:
+    """Warns (once, on rank 0) when accelerate was told to shard but run.parallel was not."""
     wants = None
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         wants = "fsdp"
     elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         wants = "zero3"
-    if wants and cfg.run.parallel != wants:
+    if wants and cfg.run.parallel != wants and runtime.is_main:
         logger.warning(
             "accelerate config asks for %s sharding, but run.parallel=%s decides here "
             "(accelerate's plugins are not used); pass --run.parallel %s to shard",

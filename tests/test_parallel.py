@@ -23,6 +23,7 @@ from lorif_dist.testing import make_records, write_json
 from tests.multirank import CRASH_EXIT_CODE, compare_indexes, spawn_ranks
 from tests.pipeline import run_pipeline
 
+REPO = Path(__file__).resolve().parents[1]
 FACTOR_RTOL = 1e-4  # float32 extraction in different batch shapes
 CURVATURE_RTOL = 1e-4  # float32 randomized SVD, sums in a different order
 SCORE_RTOL = 1e-5
@@ -83,10 +84,13 @@ def _overrides(ckpt: Path, train: Path, queries: Path, index: Path, parallel: st
 def setup(tmp_path_factory, checkpoints):
     """Data, a DeepSpeed JSON, and the one-rank unsharded reference indexes."""
     root = tmp_path_factory.mktemp("parallel")
-    # Persistence threshold 0: every parameter is partitioned, however small (DeepSpeed
-    # keeps small ones whole by default, which would leave this tiny model unsharded).
+    # The shipped DeepSpeed JSON with persistence threshold 0: every parameter is then
+    # partitioned, however small (by default small ones stay whole, which would leave this
+    # tiny model unsharded).
+    ds_config = json.loads((REPO / "launch" / "ds_zero3.json").read_text())
+    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     ds = root / "ds_zero3.json"
-    ds.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    ds.write_text(json.dumps(ds_config))
     data = {
         7: write_json(root / "train7.json", make_records(7, seed=3)),
         2: write_json(root / "train2.json", make_records(2, seed=4)),
@@ -144,7 +148,9 @@ def two_ranks(setup):
     }
     # Rank 0 has 4 batches, rank 1 has 3: rank 0 dies about to write its 4th part, by
     # which time rank 1 (keeping step in a discarded pass) has saved its shard.
-    first = [{"overrides": overrides(*case[:2], index(*case), case[2])} for case in TWO_RANK_CASES[:2]]
+    first = [
+        {"overrides": overrides(*case[:2], index(*case), case[2])} for case in TWO_RANK_CASES[:2]
+    ]
     with pytest.raises(mp.ProcessExitedException) as crash:
         spawn_ranks(2, first + [{**resume, "crash": (0, 4)}])
     shards = root / "resume" / "shards" / "task-0000"
@@ -158,7 +164,9 @@ def two_ranks(setup):
         if finished.is_file()
         else None,
     }
-    rest = [{"overrides": overrides(*case[:2], index(*case), case[2])} for case in TWO_RANK_CASES[2:]]
+    rest = [
+        {"overrides": overrides(*case[:2], index(*case), case[2])} for case in TWO_RANK_CASES[2:]
+    ]
     spawn_ranks(2, [resume] + rest)
     state["rank1_after"] = (finished.stat().st_mtime_ns, _sha(finished))
     return state
@@ -209,3 +217,23 @@ def test_sharded_rerun_resumes_after_a_crash(setup, two_ranks):
     uninterrupted = root / "w2-llama-7-fsdp" / "shards" / "task-0000"
     for name in ("rank-00000.h5", "rank-00001.h5"):
         assert _sha(shards / name) == _sha(uninterrupted / name), name
+
+
+def test_zero3_config_forces_what_extraction_needs(tmp_path):
+    """Stage 3, the model's dtype, no optimizer, whatever the JSON says."""
+    from lorif_dist.config import load_config
+    from lorif_dist.parallel import zero3_config
+
+    user = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}
+    user |= {"bf16": {"enabled": "auto"}, "train_batch_size": "auto"}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    for dtype, bf16, fp16 in (("float32", False, False), ("bfloat16", True, False)):
+        cfg = load_config(None, ["--model.dtype", dtype, "--run.deepspeed_config", str(path)])
+        ds = zero3_config(cfg)
+        assert ds["zero_optimization"]["stage"] == 3 and "optimizer" not in ds
+        assert ds["bf16"]["enabled"] is bf16 and ds["fp16"]["enabled"] is fp16
+        assert "train_batch_size" not in ds
+    cfg = load_config(None, ["--model.dtype", "float64", "--run.parallel", "zero3"])
+    with pytest.raises(ValueError, match="float64"):
+        zero3_config(cfg)
