@@ -8,8 +8,9 @@ each module's weights are gathered just before it runs:
             owns the embeddings, the final norm and the LM head (tied or not). Rank 0 reads
             the checkpoint on the CPU; the other ranks build the model on the meta device
             (no memory); each rank then receives its 1/world_size slice of every tensor by
-            broadcast from rank 0. Peak: one CPU copy of the weights on rank 0, one gathered
-            block per device.
+            broadcast from rank 0. Memory: one CPU copy of the weights on rank 0 while
+            loading; per device, its slices plus one gathered block at a time and the
+            gathered root (FSDP2 keeps the root whole from forward to backward).
     zero3   DeepSpeed ZeRO-3: the model is built under `deepspeed.zero.Init` (transformers
             does this while an `HfDeepSpeedConfig` is alive), so no rank ever holds all
             weights, then wrapped by `deepspeed.initialize` without an optimizer: the

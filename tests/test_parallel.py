@@ -237,3 +237,15 @@ def test_zero3_config_forces_what_extraction_needs(tmp_path):
     cfg = load_config(None, ["--model.dtype", "float64", "--run.parallel", "zero3"])
     with pytest.raises(ValueError, match="float64"):
         zero3_config(cfg)
+
+
+def test_sharding_without_a_process_group_is_refused(checkpoints, data_files):
+    from lorif_dist.config import load_config
+    from lorif_dist.distributed import init_runtime
+    from lorif_dist.extract import GradientExtractor
+
+    overrides = ["--model.name_or_path", str(checkpoints["llama"]), "--model.device", "cpu"]
+    overrides += ["--data.train_files", str(data_files["train"]), "--run.parallel", "fsdp"]
+    cfg = load_config(None, overrides)
+    with pytest.raises(ValueError, match="launch with torchrun"):
+        GradientExtractor(cfg, init_runtime("cpu", "single"))
