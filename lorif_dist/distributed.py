@@ -14,6 +14,7 @@ collectives backend (NCCL with CUDA, gloo otherwise).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 
@@ -55,7 +56,13 @@ def _first_slurm_host() -> str:
         )
         return out.stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodelist.split(",")[0].split("[")[0]
+        return first_host(nodelist)
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list without scontrol: "gpu[003-005,9],cpu1" -> "gpu003"."""
+    match = re.match(r"([^,\[]*)(?:\[([^\],\-]*))?", nodelist)
+    return match.group(1) + (match.group(2) or "")
 
 
 def _srun_step() -> bool:
