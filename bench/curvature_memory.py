@@ -245,7 +245,7 @@ def tabulate(rows: list[dict], args: argparse.Namespace) -> str:
     base = rows[0]
     head = (
         "| N | ranks | examples/rank | peak RSS rise/rank (MiB) | x vs N | tracemalloc peak (MiB) "
-        "| read/rank/pass (MiB) | x vs N | reads = one per owned shard | dense G, 1 layer (MiB) "
+        "| read/rank per pass, all layers (MiB) | x vs N | reads = one per owned shard | dense G, 1 layer (MiB) "
         "| seconds |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]

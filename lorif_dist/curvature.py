@@ -93,6 +93,8 @@ def iter_dense_blocks(
         for start in range(0, reader.num_examples, block_rows):
             stop = min(start + block_rows, reader.num_examples)
             yield i, start, densify(*reader.read(layer, start, stop, dtype))
+        # HDF5's cached chunk index of this layer would otherwise stay until the end.
+        reader.drop_caches()
 
 
 class LayerGram:

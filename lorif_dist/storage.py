@@ -278,6 +278,16 @@ class ShardReader:
     def close(self) -> None:
         self.h5.close()
 
+    def drop_caches(self) -> None:
+        """Frees what HDF5 cached while reading, by closing and reopening the file.
+
+        HDF5 keeps every chunk-index node it has read in memory until the file closes
+        (about 25 KB per 64 chunks), so a reader kept open over all layers and passes
+        would grow with the shard's size times the number of layers read.
+        """
+        self.h5.close()
+        self.h5 = h5py.File(self.path, "r")
+
     @property
     def num_examples(self) -> int:
         return int(self.example_ids.shape[0])
