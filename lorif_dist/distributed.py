@@ -158,10 +158,11 @@ def init_runtime(
                 torch.cuda.set_device(_gpu_index(_env_int("LOCAL_RANK") or 0))
             dist.init_process_group(backend="nccl" if use_nccl else "gloo")
     collective = get_collective(backend)
-    # mpiexec inside a SLURM job leaves SLURM_LOCALID=0 in every rank: MPI's own first.
+    # mpiexec inside a SLURM job leaves SLURM_LOCALID=0 in every rank: MPI's own first
+    # (SLURM_LOCALID is right under `srun --mpi=pmi2`, which sets no MPI local rank).
     local_keys = ("LOCAL_RANK", "SLURM_LOCALID")
     if collective.name == "mpi":
-        local_keys = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "LOCAL_RANK")
+        local_keys = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
     local_rank = _env_int(*local_keys) or 0
     env_task, env_count = array_task()
     task_id = env_task if task_id is None else task_id
