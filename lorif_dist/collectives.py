@@ -105,7 +105,11 @@ class TorchCollective(Collective):
 
 
 class MPICollective(Collective):
-    """mpi4py on CPU tensors (buffers exchanged as numpy arrays without pickling)."""
+    """mpi4py on CPU tensors (buffers exchanged as numpy arrays without pickling).
+
+    Dtypes numpy lacks (bfloat16) travel as their raw bytes for broadcast, and are summed
+    in float32 for all-reduce (then cast back), so every tensor the pipeline uses works.
+    """
 
     name = "mpi"
 
@@ -118,15 +122,20 @@ class MPICollective(Collective):
         self.world_size = self.comm.Get_size()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        send = np.ascontiguousarray(tensor.detach().cpu().numpy())
+        work = tensor.detach().cpu()
+        if work.dtype not in _NUMPY_SAFE:
+            return self.all_reduce_sum(work.float()).to(tensor.dtype).to(tensor.device)
+        send = np.ascontiguousarray(work.numpy())
         recv = np.empty_like(send)
         self.comm.Allreduce(send, recv, op=self.mpi.SUM)
         return torch.from_numpy(recv).to(tensor.device)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        buf = np.ascontiguousarray(tensor.detach().cpu().numpy())
-        self.comm.Bcast(buf, root=src)
-        return torch.from_numpy(buf).to(tensor.device)
+        # A copy: Bcast writes into the buffer, and the caller's tensor must stay as it was.
+        work = tensor.detach().cpu().contiguous().clone()
+        raw = work.view(torch.uint8) if work.dtype not in _NUMPY_SAFE else work
+        self.comm.Bcast(raw.numpy(), root=src)
+        return work.to(tensor.device)
 
     def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
         return self.comm.gather(obj, root=dst)
@@ -141,16 +150,39 @@ class MPICollective(Collective):
         self.comm.Barrier()
 
 
-def _mpi_launched() -> bool:
-    keys = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
-    return any(k in os.environ for k in keys)
+# torch dtypes whose .numpy() view exists (bfloat16 and the float8s have none).
+_NUMPY_SAFE = {
+    torch.float16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+}
+
+
+def mpiexec_launched() -> bool:
+    """True in a rank started by mpiexec / mpirun (MPICH hydra or Open MPI).
+
+    Hydra sets MPI_LOCALNRANKS (and HYDI_CONTROL_FD when it starts ranks itself), also when
+    it runs inside a SLURM job and starts its proxies through srun. srun's own PMI variables
+    (PMI_SIZE under --mpi=pmi2, PMIX_RANK under pmix) do not count: under srun the torch
+    backend is the default and MPI is used only when asked for.
+    """
+    if any(k in os.environ for k in ("MPI_LOCALNRANKS", "HYDI_CONTROL_FD", "OMPI_COMM_WORLD_SIZE")):
+        return True
+    in_srun_step = "SLURM_STEP_ID" in os.environ or "SLURM_STEPID" in os.environ
+    return not in_srun_step and any(k in os.environ for k in ("PMI_SIZE", "PMIX_RANK"))
 
 
 def get_collective(backend: str = "auto") -> Collective:
     """The collective for this process.
 
     "auto": torch.distributed when a process group is initialized, MPI when launched by
-    mpiexec with more than one process, else a single process.
+    mpiexec with more than one process (`mpiexec_launched`), else a single process.
     """
     import torch.distributed as dist
 
@@ -163,7 +195,7 @@ def get_collective(backend: str = "auto") -> Collective:
                 "launch with torchrun, accelerate launch or srun"
             )
         return TorchCollective()
-    if backend == "mpi" or (backend == "auto" and _mpi_launched()):
+    if backend == "mpi" or (backend == "auto" and mpiexec_launched()):
         try:
             coll = MPICollective()
         except ImportError as e:

@@ -93,6 +93,8 @@ def iter_dense_blocks(
         for start in range(0, reader.num_examples, block_rows):
             stop = min(start + block_rows, reader.num_examples)
             yield i, start, densify(*reader.read(layer, start, stop, dtype))
+        # HDF5's cached chunk index of this layer would otherwise stay until the end.
+        reader.drop_caches()
 
 
 class LayerGram:
@@ -246,14 +248,23 @@ def _summary_of(path: Path) -> dict[str, float]:
 
 
 def write_coordinates(index_dir, shard, reader, layers, block_rows, dtype) -> None:
-    """V^T g_t for every example of one shard, one (n, r) dataset per layer."""
-    arrays = {}
-    for spec in layers:
-        vectors, _, _ = load_curvature(index_dir, spec["name"], dtype)
-        parts = [
-            block @ vectors
-            for _, _, block in iter_dense_blocks([reader], spec["name"], block_rows, dtype)
-        ]
-        coords = torch.cat(parts) if parts else torch.zeros(0, vectors.shape[1], dtype=dtype)
-        arrays[spec["name"]] = coords.numpy()
-    _write_atomic_h5(coords_path(index_dir, shard), arrays, {"num_examples": reader.num_examples})
+    """V^T g_t for every example of one shard, one (n, r) dataset per layer.
+
+    Written block by block into the file (published by rename when whole), so memory holds
+    one block of examples and V, whatever the shard's size.
+    """
+    path = coords_path(index_dir, shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with h5py.File(tmp, "w") as h5:
+        for spec in layers:
+            vectors, _, _ = load_curvature(index_dir, spec["name"], dtype)  # V [D, r]
+            coords = h5.create_dataset(
+                spec["name"],
+                shape=(reader.num_examples, vectors.shape[1]),
+                dtype=vectors.numpy().dtype,
+            )
+            for _, start, block in iter_dense_blocks([reader], spec["name"], block_rows, dtype):
+                coords[start : start + block.shape[0]] = (block @ vectors).numpy()  # [n_b, r]
+        h5.attrs["num_examples"] = reader.num_examples
+    os.replace(tmp, path)
