@@ -107,15 +107,17 @@ class LayerGram:
         self.num_passes = 0
 
     def __call__(self, basis: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(self.dim, basis.shape[1], dtype=self.dtype)
+        # Blocks are multiplied in the compute dtype but summed in float64, so the result
+        # does not depend (beyond float64 rounding) on how shards are split across ranks.
+        out = torch.zeros(self.dim, basis.shape[1], dtype=torch.float64)
         sq_norms = torch.zeros((), dtype=torch.float64)
         for _, _, block in iter_dense_blocks(self.readers, self.layer, self.block_rows, self.dtype):
-            out += block.T @ (block @ basis)  # G_b^T (G_b Q)
+            out += (block.T @ (block @ basis)).double()  # G_b^T (G_b Q)
             if self.trace is None:
                 sq_norms += (block.double() ** 2).sum()
         self.num_passes += 1
         # One all-reduce for the product and (on the first pass) the trace.
-        packed = torch.cat([out.flatten().double(), sq_norms.reshape(1)])
+        packed = torch.cat([out.flatten(), sq_norms.reshape(1)])
         packed = self.collective.all_reduce_sum(packed)
         if self.trace is None:
             self.trace = float(packed[-1])
