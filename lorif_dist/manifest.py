@@ -79,17 +79,30 @@ def locked(index_dir: str | Path) -> Iterator[None]:
 
 def _write_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=str))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=str))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+    except OSError as e:
+        # A full disk leaves the old manifest in place, untouched, and no stray temp file.
+        tmp.unlink(missing_ok=True)
+        from lorif_dist.safe_io import disk_full_error, is_disk_full
+
+        raise (disk_full_error(path, e, "manifest") if is_disk_full(e) else e) from e
     os.replace(tmp, path)
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": [{"c": 1}]}} -> {"a.b[0].c": 1}, so a difference names its leaf."""
     if isinstance(obj, dict):
         out = {}
         for key, value in obj.items():
             out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        out = {prefix.rstrip(".") + ".length": len(obj)}
+        for i, value in enumerate(obj):
+            out.update(_flatten(value, f"{prefix.rstrip('.')}[{i}]."))
         return out
     return {prefix.rstrip("."): obj}
 
