@@ -10,8 +10,9 @@ D = d1 d2 and c; then
     shard bytes                payload + HDF5 metadata, see `ShardSizeModel`
     curvature file per layer   D r b_c (V) + r b_c (s) + metadata (b_c: compute dtype)
     coordinates per shard      n r b_c per layer + metadata
-    curvature memory per layer estimated peak of the buffers rsvd.py / curvature.py hold:
-                               D m (16 + 3 b_c) + 2 B D b_c, m = r + p, B = batch_examples
+    curvature memory per layer estimated peak of the buffers rsvd.py / curvature.py hold,
+                               max(3 D m b_c + B D (b_c + 16), D m (6 b_c + 16)), m = r + p,
+                               B = batch_examples (bench/plan_memory.py checks it)
     query I/O per query batch  every shard once (+ coordinates on the factored path) and
                                every V once; dense preconditioned queries hold Q sum(D) b_c
     time                       N x mean tokens / (tokens per second per rank x ranks)
@@ -211,13 +212,18 @@ def coords_file_overhead(layers: list[LayerPlan], compute_dtype: str) -> int:
 
 
 def curvature_peak_bytes(dim: int, width: int, batch_examples: int, compute_bytes: int) -> int:
-    """Estimated peak memory of one layer's randomized SVD on one rank (not measured).
+    """Estimated peak memory of one layer's randomized SVD on one rank.
 
-    The D x m buffers alive at once: the basis, the product, a temporary (compute dtype)
-    and two float64 copies for the all-reduce / QR; plus a densified block of examples and
-    its densify temporary (B x D each).
+    The larger of two moments (b = compute dtype bytes, m = r + p, B = batch_examples):
+    the first pass over the examples holds the basis, the product and a temporary (D x m
+    each) beside a densified block and its two float64 copies for the trace,
+    3 D m b + B D (b + 16); orthonormalization and the final projection hold about six
+    D x m buffers in the compute dtype and two in float64, D m (6 b + 16).
+    `bench/plan_memory.py` compares this with the measured peak resident set.
     """
-    return dim * width * (16 + 3 * compute_bytes) + 2 * batch_examples * dim * compute_bytes
+    first_pass = 3 * dim * width * compute_bytes + batch_examples * dim * (compute_bytes + 16)
+    orthonormalize = dim * width * (6 * compute_bytes + 16)
+    return max(first_pass, orthonormalize)
 
 
 def shard_sizes(num_examples: int, num_tasks: int, world_size: int) -> list[int]:

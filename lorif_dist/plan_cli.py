@@ -26,6 +26,10 @@ def _grouped(rows: list[dict[str, Any]]) -> list[tuple[str, int, dict[str, Any]]
     return [(key[0], len(members), members[0]) for key, members in groups.items()]
 
 
+def _count(num: int) -> str:
+    return f"{num / 1e9:.2f}B" if num >= 1e8 else f"{num:,}"
+
+
 def format_plan(plan: dict[str, Any]) -> str:
     m, st, s, d = plan["model"], plan["storage"], plan["settings"], plan["data"]
     cv, q, t = plan["curvature"], plan["query"], plan["time"]
@@ -36,7 +40,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         else "every rank holds all of it"
     )
     lines = [
-        f"model {m['class']} from {m['config']}: {m['num_parameters'] / 1e9:.2f}B parameters, "
+        f"model {m['class']} from {m['config']}: {_count(m['num_parameters'])} parameters, "
         f"{hb(m['weights_bytes'])} in {m['dtype']}, {per_rank}",
         f"layers: {len(plan['layers'])} tracked of {s['num_linear_layers']} linear "
         f"(extract.layers {s['layers_pattern']!r}); f={s['f']}, c={s['c']}, stored "

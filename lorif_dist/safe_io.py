@@ -1,10 +1,10 @@
 """Writing HDF5 files so that a full disk is an error, not a crash.
 
-HDF5 2.0 (h5py 3.16) segfaults when a write to a chunked dataset fails with ENOSPC: the
-failed write surfaces while a dataset handle is deallocated, and the library then crashes
-in its error path (reproduced on a 64 KiB tmpfs; contiguous datasets fail cleanly). A job
-that dies with SIGSEGV on a full scratch disk tells its user nothing, so every HDF5 file
-this package writes goes through `create_h5`:
+HDF5 2.0 (h5py 3.16) handles ENOSPC badly when writing chunked datasets: the failed write
+surfaces while a handle is deallocated and the process segfaults (reproduced on a 64 KiB
+tmpfs), or the write fails with "RuntimeError: Disable slist on flush dest failure failed"
+(the tiny recipe on a 600 KiB tmpfs), leaving a partial file. Neither tells a user that the
+disk is full, so every HDF5 file this package writes goes through `create_h5`:
 
     HDF5 -> h5py's file-object driver -> `_LatchingFile` -> os.pwrite
 
