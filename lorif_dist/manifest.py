@@ -107,9 +107,13 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): obj}
 
 
-def describe_mismatch(index_side: dict[str, Any], run_side: dict[str, Any]) -> list[str]:
+def describe_mismatch(
+    index_side: dict[str, Any], run_side: dict[str, Any], per_section: int = 4
+) -> list[str]:
+    """One line per differing leaf; list entries at most `per_section` per top-level section
+    (a model swap changes hundreds of layer entries; the other sections must still show)."""
     a, b = _flatten(index_side), _flatten(run_side)
-    lines = []
+    sections: dict[str, list[str]] = {}
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
@@ -117,7 +121,13 @@ def describe_mismatch(index_side: dict[str, Any], run_side: dict[str, Any]) -> l
                 va = f"<{len(va)} entries>"
             if isinstance(vb, list) and len(str(vb)) > 120:
                 vb = f"<{len(vb)} entries>"
-            lines.append(f"{key}: index has {va!r}, this run has {vb!r}")
+            section = key.split(".")[0].split("[")[0] if "[" in key else key
+            sections.setdefault(section, []).append(f"{key}: index has {va!r}, this run has {vb!r}")
+    lines = []
+    for section, found in sections.items():
+        lines.extend(found[:per_section])
+        if len(found) > per_section:
+            lines.append(f"... and {len(found) - per_section} more differences in {section}")
     return lines
 
 
@@ -128,7 +138,7 @@ def check_identity(
     if diff:
         raise IndexMismatchError(
             f"the index at {index_dir} was built with a different {what}:\n  "
-            + "\n  ".join(diff[:20])
+            + "\n  ".join(diff)
             + "\nUse the index's settings, or a new run.index_dir for the new settings."
         )
 
