@@ -74,8 +74,9 @@ def main() -> None:
     from lorif_dist.plan import curvature_peak_bytes
 
     repo = Path(__file__).resolve().parents[1]
-    print(f"{'d1 x d2':>10} {'D':>8} {'m':>4} {'B':>4} {'estimate MiB':>13} {'measured MiB':>13}"
-          f" {'measured/estimate':>18}")  # fmt: skip
+    header = ("d1 x d2", "D", "m", "B", "estimate MiB", "measured MiB", "measured/estimate")
+    widths = (10, 8, 4, 4, 13, 13, 18)
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
     for d1, d2, n, r, p, batch in CASES:
         dim, width = d1 * d2, r + p
         with tempfile.TemporaryDirectory() as tmp:

@@ -68,8 +68,8 @@ def _shard_state(index_dir: Path, manifest: dict[str, Any], name: str, verify: b
     if parts_dir.is_dir():
         num_parts, examples, nbytes = _parts_progress(parts_dir)
         if num_parts:
-            return {**row, "state": "in progress", "parts": num_parts, "examples": examples,
-                    "bytes": nbytes}  # fmt: skip
+            progress = {"parts": num_parts, "examples": examples, "bytes": nbytes}
+            return {**row, "state": "in progress", **progress}
     return {**row, "state": "missing"}
 
 

@@ -317,6 +317,29 @@ def _query_plan(layers, inputs: PlanInputs, index_bytes: int, coords_bytes: int,
     }
 
 
+def _storage_plan(layers: list[LayerPlan], inputs: PlanInputs) -> dict[str, Any]:
+    """Exact examples per shard; bytes of shards, curvature files and coordinates."""
+    ex, cc = inputs.cfg.extract, inputs.cfg.curvature
+    sizes = shard_sizes(inputs.num_examples, inputs.num_tasks, inputs.world_size)
+    size_model = ShardSizeModel(layers, ex.storage_dtype)
+    shard_bytes = [size_model.bytes(n) for n in sizes]
+    cb, r = DTYPE_BYTES[cc.compute_dtype], cc.rank
+    curv_overhead = curvature_file_overhead(cc.compute_dtype)
+    coords_overhead = coords_file_overhead(layers, cc.compute_dtype)
+    coords_bytes = sum(n * r * cb * len(layers) + coords_overhead for n in sizes)
+    return {
+        "bytes_per_example": size_model.example_bytes,
+        "dense_bytes_per_example": sum(s.dim for s in layers) * 4,
+        "shard_examples_max": max(sizes),
+        "shard_bytes_max": max(shard_bytes),
+        "shard_bytes": dict(zip(_shard_names(inputs), shard_bytes, strict=True)),
+        "join_peak_bytes_per_rank": 2 * max(shard_bytes),
+        "index_bytes": sum(shard_bytes),
+        "curvature_bytes": sum(s.dim * min(r, s.dim) * cb + r * cb + curv_overhead for s in layers),
+        "coords_bytes": coords_bytes if cc.cache_coordinates else 0,
+    }
+
+
 def make_plan(inputs: PlanInputs) -> dict[str, Any]:
     """Shapes, bytes, memory and time of a run, as a dict (`format_plan` prints it)."""
     cfg = inputs.cfg
@@ -326,42 +349,30 @@ def make_plan(inputs: PlanInputs) -> dict[str, Any]:
     specs = select_layers(model, ex.layers, ex.exclude_layers)
     layers = plan_layers(specs, ex.projection_factor, ex.factor_rank, ex.exact_factors)
     num_params = sum(p.numel() for p in model.parameters())
-    sharded = cfg.run.parallel != "none"
-
-    # Storage: exact examples per shard, bytes per shard from the size model.
-    sizes = shard_sizes(inputs.num_examples, inputs.num_tasks, inputs.world_size)
-    size_model = ShardSizeModel(layers, ex.storage_dtype)
-    shard_bytes = [size_model.bytes(n) for n in sizes]
-    cb = DTYPE_BYTES[cc.compute_dtype]
-    r = cc.rank
-    curv_overhead = curvature_file_overhead(cc.compute_dtype)
-    curvature_bytes = sum(s.dim * min(r, s.dim) * cb + r * cb + curv_overhead for s in layers)
-    coords_overhead = coords_file_overhead(layers, cc.compute_dtype)
-    coords_bytes = (
-        sum(n * r * cb * len(layers) + coords_overhead for n in sizes)
-        if cc.cache_coordinates
-        else 0
-    )
+    weights_bytes = num_params * DTYPE_BYTES[cfg.model.dtype]
     rows = _layer_rows(layers, inputs)
+    storage = _storage_plan(layers, inputs)
     tokens = inputs.num_examples * inputs.mean_tokens
     ranks = inputs.world_size * inputs.num_tasks
     tps = inputs.tokens_per_second
+    # Every curvature pass reads every shard: 1 + q + 1 passes, the coordinates pass, and
+    # the checksum read.
+    num_reads = cc.power_iters + 2 + int(cc.cache_coordinates) + 1
     return {
         "model": {
             "config": str(inputs.model_config),
             "class": type(model).__name__,
             "num_parameters": num_params,
-            "weights_bytes": num_params * DTYPE_BYTES[cfg.model.dtype],
-            "weights_bytes_per_rank": num_params
-            * DTYPE_BYTES[cfg.model.dtype]
-            / (inputs.world_size if sharded else 1),
+            "weights_bytes": weights_bytes,
+            "weights_bytes_per_rank": weights_bytes
+            / (inputs.world_size if cfg.run.parallel != "none" else 1),
             "parallel": cfg.run.parallel,
             "dtype": cfg.model.dtype,
         },
         "settings": {
             "f": ex.projection_factor,
             "c": ex.factor_rank if not ex.exact_factors else "exact",
-            "r": r,
+            "r": cc.rank,
             "p": cc.oversample,
             "storage_dtype": ex.storage_dtype,
             "compute_dtype": cc.compute_dtype,
@@ -376,23 +387,19 @@ def make_plan(inputs: PlanInputs) -> dict[str, Any]:
             "num_tasks": inputs.num_tasks,
             "world_size": inputs.world_size,
         },
-        "storage": {
-            "bytes_per_example": size_model.example_bytes,
-            "dense_bytes_per_example": sum(s.dim for s in layers) * 4,
-            "shard_examples_max": max(sizes),
-            "shard_bytes_max": max(shard_bytes),
-            "shard_bytes": dict(zip(_shard_names(inputs), shard_bytes, strict=True)),
-            "join_peak_bytes_per_rank": 2 * max(shard_bytes),
-            "index_bytes": sum(shard_bytes),
-            "curvature_bytes": curvature_bytes,
-            "coords_bytes": coords_bytes,
-        },
+        "storage": storage,
         "curvature": {
             "peak_bytes_per_layer_max": max(row["curvature_peak_bytes"] for row in rows),
-            "largest_layer": max(rows, key=lambda row: row["D"])["name"],
-            "read_bytes": (cc.power_iters + 2 + int(cc.cache_coordinates) + 1) * sum(shard_bytes),
+            "largest_layer": max(rows, key=lambda row: row["curvature_peak_bytes"])["name"],
+            "read_bytes": num_reads * storage["index_bytes"],
         },
-        "query": _query_plan(layers, inputs, sum(shard_bytes), coords_bytes, curvature_bytes),
+        "query": _query_plan(
+            layers,
+            inputs,
+            storage["index_bytes"],
+            storage["coords_bytes"],
+            storage["curvature_bytes"],
+        ),
         "time": {
             "tokens_per_second_per_rank": tps,
             "source": inputs.throughput_source,
