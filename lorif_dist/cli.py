@@ -5,6 +5,8 @@
     lorif query     --config R.yaml [...]
     lorif run       --config R.yaml [...]     extract, curvature and query in one process
     lorif demo      [--limit N] [--prepare-only] [--section.field VALUE ...]
+    lorif inspect   INDEX [--verify] [--json]   stages, shards, examples, bytes, next step
+    lorif plan      --model CONFIG.json --num-examples N [...]   storage, memory, time
 
 Any config field can be overridden as `--section.field VALUE`, e.g.
 `--extract.projection_factor 16 --run.index_dir /scratch/idx`.
@@ -19,6 +21,7 @@ import sys
 
 from lorif_dist.config import Config, ConfigError, load_config
 from lorif_dist.logging_utils import logger, setup_logging
+from lorif_dist.safe_io import DiskFullError
 
 STAGES = ("extract", "curvature", "query", "run")
 
@@ -53,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", default=None, help="where the demo index goes (default runs/demo)"
     )
     demo.add_argument("--top", type=int, default=5, help="proponents to print per query")
+    insp = sub.add_parser(
+        "inspect", help="what an index holds, what is missing, and what to run next"
+    )
+    insp.add_argument("index", help="the index directory (run.index_dir)")
+    insp.add_argument(
+        "--verify", action="store_true", help="also hash every shard against the manifest"
+    )
+    insp.add_argument("--json", action="store_true", help="print the report as JSON")
+    from lorif_dist.plan_cli import add_plan_arguments
+
+    add_plan_arguments(sub)
     return parser
 
 
@@ -86,6 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     setup_logging()
     try:
+        if args.command == "inspect":
+            if rest:
+                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            from lorif_dist.inspection import run_inspect
+
+            run_inspect(args.index, verify=args.verify, as_json=args.json)
+            return 0
+        if args.command == "plan":
+            from lorif_dist.plan_cli import run_plan_command
+
+            run_plan_command(args, rest)
+            return 0
         if args.command == "demo":
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -102,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
         run_stage(args.command, cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, DiskFullError) as e:
         logger.error("error: %s", e)
         return _exit(2)
     return _exit(0)

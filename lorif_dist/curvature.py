@@ -28,11 +28,13 @@ import torch
 from lorif_dist.config import Config
 from lorif_dist.distributed import Runtime
 from lorif_dist.factorize import densify
+from lorif_dist.integrity import open_shards
 from lorif_dist.logging_utils import Timer, logger, progress, summary
 from lorif_dist.manifest import load_manifest, require_complete, update_section
 from lorif_dist.modeling import TORCH_DTYPES
 from lorif_dist.projection import layer_seed
 from lorif_dist.rsvd import Eigen, damping_value, explained_variance, randomized_eigh
+from lorif_dist.safe_io import create_h5
 from lorif_dist.storage import ShardReader
 
 CURVATURE_DIR = "curvature"
@@ -53,7 +55,7 @@ def shard_file(index_dir: str | Path, shard: str) -> Path:
 def _write_atomic_h5(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with h5py.File(tmp, "w") as h5:
+    with create_h5(tmp, "curvature file") as h5:
         for key, arr in arrays.items():
             h5.create_dataset(key, data=arr)
         h5.attrs.update(attrs)
@@ -136,7 +138,8 @@ def run_curvature(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     manifest = load_manifest(index_dir)
     shards = require_complete(index_dir, manifest)
     mine = shards[runtime.rank :: runtime.world_size]
-    readers = [ShardReader(shard_file(index_dir, name)) for name in mine]
+    # Whole-file SHA-256 here, once per run: curvature reads each shard q + 3 times anyway.
+    readers = open_shards(index_dir, manifest, mine, True, coll)
     layers = manifest["identity"]["layers"]
     for spec in layers:
         if cc.rank > spec["d1"] * spec["d2"]:

@@ -7,10 +7,12 @@ similar number of tokens and can be rerun alone. Each (task, rank) writes only i
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 
@@ -20,8 +22,10 @@ from lorif_dist.config import Config
 from lorif_dist.data import Example, collate, fingerprint, load_examples, token_budget_batches
 from lorif_dist.distributed import Runtime
 from lorif_dist.factorize import factorize, start_block
+from lorif_dist.fingerprints import data_files_fingerprint, tokenizer_fingerprint
+from lorif_dist.integrity import record_extract_run, shard_lock
 from lorif_dist.logging_utils import Timer, human_bytes, logger, progress, summary
-from lorif_dist.manifest import identity_config, open_or_create, record_shard
+from lorif_dist.manifest import identity_config, load_manifest, open_or_create, record_shard
 from lorif_dist.modeling import (
     TORCH_DTYPES,
     LayerSpec,
@@ -42,8 +46,10 @@ from lorif_dist.parallel import (
 from lorif_dist.projection import build_projections, layer_seed, projection_hash
 from lorif_dist.storage import (
     FactorBlock,
+    ShardCorruptError,
     ShardWriter,
     concat_blocks,
+    file_sha256,
     shard_name,
     shard_path,
     to_storage,
@@ -174,6 +180,8 @@ class GradientExtractor:
         return {
             "config": identity_config(cfg.to_dict()),
             "model": model_fingerprint(self.model, cfg.model.name_or_path),
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "dataset_files": data_files_fingerprint(cfg.data.train_files),
             "dataset_fingerprint": dataset_fingerprint,
             "projection": {
                 "seed": cfg.extract.seed,
@@ -239,6 +247,7 @@ def run_extract(
 
     if runtime.is_main:
         update_section(cfg.run.index_dir, "config", cfg.to_dict())
+        record_extract_run(cfg)
         logger.info(
             "extract: %d examples (%d skipped, %d truncated at %d tokens), %d layers, f=%d, c=%d, "
             "%d task(s) x %d rank(s), index %s",
@@ -263,32 +272,29 @@ def run_extract(
         {n: (p.d1, p.d2, extractor.factor_ranks[n]) for n, p in extractor.projections.items()},
         cfg.extract.storage_dtype,
     )
-    done = len(batches) if writer.complete else writer.resume_point()
-    if done and runtime.is_main:
-        logger.info("extract: resuming after %d of %d batches", done, len(batches))
+    # One process per (task, rank): a second one fails here instead of interleaving parts.
+    with shard_lock(writer.path):
+        done = len(batches) if writer.complete else writer.resume_point()
+        if done:
+            logger.info(
+                "extract: %s resumes after %d of %d batches",
+                shard_name(runtime.task_id, runtime.rank),
+                done,
+                len(batches),
+            )
 
-    # A sharded model gathers weights in every pass, so a rank with fewer batches left (or
-    # a finished shard, or no examples) runs discarded passes until the busiest is done.
-    num_extra = lockstep_passes(cfg, runtime, len(batches) - done)
+        # A sharded model gathers weights in every pass, so a rank with fewer batches left
+        # (or a finished shard, or no examples) runs discarded passes until the busiest is done.
+        num_extra = lockstep_passes(cfg, runtime, len(batches) - done)
 
-    # Local work: batches -> factors -> parts on disk every flush_examples examples.
-    stats = _extract_batches(cfg, runtime, extractor, writer, batches, done)
+        # Local work: batches -> factors -> parts on disk every flush_examples examples.
+        stats = _extract_batches(cfg, runtime, extractor, writer, batches, done)
+        stats["resumed_batches"] = done
 
-    # Write: join parts into the shard, record it in the manifest. A rank that finished
-    # early saves its shard before keeping step with the others, so a crash elsewhere
-    # costs it nothing.
-    if not writer.complete:
-        num_stored, sha = writer.finalize()
-        record_shard(
-            cfg.run.index_dir,
-            shard_name(runtime.task_id, runtime.rank),
-            {
-                "num_examples": num_stored,
-                "bytes": writer.path.stat().st_size,
-                "sha256": sha,
-                "skipped_nonfinite": stats["skipped_ids"],
-            },
-        )
+        # Write: join parts into the shard, record it in the manifest. A rank that finished
+        # early saves its shard before keeping step with the others, so a crash elsewhere
+        # costs it nothing.
+        _finish_shard(cfg, runtime, writer, stats)
     if num_extra:
         run_discarded_passes(extractor, dummy_batch(examples), num_extra)
     coll.barrier()
@@ -323,6 +329,7 @@ def _extract_batches(
     done: int,
 ) -> dict[str, Any]:
     stats: dict[str, Any] = {"examples": 0, "tokens": 0, "bytes": 0, "skipped_ids": []}
+    timer = Timer()
     pending: list[FactorBlock] = []
     part_start = done
     todo = range(done, len(batches))
@@ -337,9 +344,60 @@ def _extract_batches(
             logger.warning(
                 "extract: non-finite loss or gradient, skipped examples %s", block.skipped_ids
             )
+        # Per batch, at debug level (LORIF_LOG_LEVEL=DEBUG): a killed run's log shows how
+        # much work was done after its last part, i.e. what a resume redoes.
+        logger.debug("extract: batch %d of %d done (%d examples)", index, len(batches), len(batch))
         if sum(b.num_examples + len(b.skipped_ids) for b in pending) >= cfg.extract.flush_examples:
             stats["bytes"] += writer.write_part(concat_blocks(pending), part_start, index + 1)
+            logger.debug("extract: part written, batches [%d, %d)", part_start, index + 1)
             pending, part_start = [], index + 1
     if pending:
         stats["bytes"] += writer.write_part(concat_blocks(pending), part_start, len(batches))
+        logger.debug("extract: part written, batches [%d, %d)", part_start, len(batches))
+    stats["seconds"] = timer.seconds
     return stats
+
+
+def _finish_shard(
+    cfg: Config, runtime: Runtime, writer: ShardWriter, stats: dict[str, Any]
+) -> None:
+    """Joins the parts into the shard (unless done before) and records it in the manifest.
+
+    A process killed between publishing a shard and recording it leaves a complete shard
+    the manifest does not list; the rerun records it then. A finished shard found on a
+    rerun is hashed and compared with its manifest entry before it is trusted again.
+    """
+    name = shard_name(runtime.task_id, runtime.rank)
+    if writer.complete:
+        if writer.parts_dir.is_dir():  # killed after the rename, before the clean-up
+            shutil.rmtree(writer.parts_dir)
+        entry = load_manifest(cfg.run.index_dir)["shards"].get(name)
+        sha = file_sha256(writer.path)
+        if entry is not None:
+            if entry["sha256"] != sha or entry["bytes"] != writer.path.stat().st_size:
+                raise ShardCorruptError(
+                    f"shard {writer.path} no longer matches its manifest entry (SHA-256 {sha}, "
+                    f"recorded {entry['sha256']}); delete it and rerun this command"
+                )
+            return
+        logger.warning("extract: %s was finished but not recorded; recording it now", name)
+        with h5py.File(writer.path, "r") as h5:
+            num_stored = int(h5["example_id"].shape[0])
+    else:
+        num_stored, sha = writer.finalize()
+    with h5py.File(writer.path, "r") as h5:
+        skipped = h5["skipped_example_id"][...].tolist()  # from every part, resumed or not
+    record_shard(
+        cfg.run.index_dir,
+        name,
+        {
+            "num_examples": num_stored,
+            "bytes": writer.path.stat().st_size,
+            "sha256": sha,
+            "skipped_nonfinite": skipped,
+            # This run's share of the work, for throughput (`lorif plan --from-index`).
+            "examples_computed": stats["examples"] + len(stats["skipped_ids"]),
+            "tokens_computed": stats["tokens"],
+            "seconds": stats["seconds"],
+        },
+    )

@@ -43,7 +43,8 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> logging
         handler.addFilter(_RankFilter())
         logger.addHandler(handler)
         logger.propagate = False
-    logger.setLevel(level)
+    # LORIF_LOG_LEVEL=DEBUG adds one line per batch and per written part (resume forensics).
+    logger.setLevel(os.environ.get("LORIF_LOG_LEVEL", "").upper() or level)
     return logger
 
 

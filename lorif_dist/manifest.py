@@ -79,24 +79,41 @@ def locked(index_dir: str | Path) -> Iterator[None]:
 
 def _write_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=str))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=str))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+    except OSError as e:
+        # A full disk leaves the old manifest in place, untouched, and no stray temp file.
+        tmp.unlink(missing_ok=True)
+        from lorif_dist.safe_io import disk_full_error, is_disk_full
+
+        raise (disk_full_error(path, e, "manifest") if is_disk_full(e) else e) from e
     os.replace(tmp, path)
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": [{"c": 1}]}} -> {"a.b[0].c": 1}, so a difference names its leaf."""
     if isinstance(obj, dict):
         out = {}
         for key, value in obj.items():
             out.update(_flatten(value, f"{prefix}{key}."))
         return out
+    if isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        out = {prefix.rstrip(".") + ".length": len(obj)}
+        for i, value in enumerate(obj):
+            out.update(_flatten(value, f"{prefix.rstrip('.')}[{i}]."))
+        return out
     return {prefix.rstrip("."): obj}
 
 
-def describe_mismatch(index_side: dict[str, Any], run_side: dict[str, Any]) -> list[str]:
+def describe_mismatch(
+    index_side: dict[str, Any], run_side: dict[str, Any], per_section: int = 4
+) -> list[str]:
+    """One line per differing leaf; list entries at most `per_section` per top-level section
+    (a model swap changes hundreds of layer entries; the other sections must still show)."""
     a, b = _flatten(index_side), _flatten(run_side)
-    lines = []
+    sections: dict[str, list[str]] = {}
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
@@ -104,7 +121,13 @@ def describe_mismatch(index_side: dict[str, Any], run_side: dict[str, Any]) -> l
                 va = f"<{len(va)} entries>"
             if isinstance(vb, list) and len(str(vb)) > 120:
                 vb = f"<{len(vb)} entries>"
-            lines.append(f"{key}: index has {va!r}, this run has {vb!r}")
+            section = key.split(".")[0].split("[")[0] if "[" in key else key
+            sections.setdefault(section, []).append(f"{key}: index has {va!r}, this run has {vb!r}")
+    lines = []
+    for section, found in sections.items():
+        lines.extend(found[:per_section])
+        if len(found) > per_section:
+            lines.append(f"... and {len(found) - per_section} more differences in {section}")
     return lines
 
 
@@ -115,7 +138,7 @@ def check_identity(
     if diff:
         raise IndexMismatchError(
             f"the index at {index_dir} was built with a different {what}:\n  "
-            + "\n  ".join(diff[:20])
+            + "\n  ".join(diff)
             + "\nUse the index's settings, or a new run.index_dir for the new settings."
         )
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from lorif_dist.config import Config
-from lorif_dist.curvature import coords_path, load_curvature, shard_file
+from lorif_dist.curvature import coords_path, load_curvature
 from lorif_dist.data import (
     Example,
     read_records,
@@ -52,11 +52,13 @@ from lorif_dist.data import (
 from lorif_dist.distributed import Runtime
 from lorif_dist.extract import GradientExtractor
 from lorif_dist.factorize import densify, factorize, start_block
+from lorif_dist.integrity import open_shard, open_shards
 from lorif_dist.logging_utils import Timer, logger, progress, summary
 from lorif_dist.manifest import check_identity, load_manifest, require_complete
 from lorif_dist.modeling import TORCH_DTYPES
 from lorif_dist.projection import layer_seed
 from lorif_dist.rsvd import woodbury_precondition
+from lorif_dist.safe_io import create_h5
 from lorif_dist.storage import ShardReader
 
 
@@ -295,8 +297,11 @@ def run_query(
     local_ids = np.zeros((prepared.num_queries, 0), np.int64)
     local_scores = np.zeros((prepared.num_queries, 0), np.float64)
     num_scored = 0
+    # Size, structure and shapes up front; Fletcher-32 on every read; no whole-file hash
+    # (it would double this stage's I/O, see integrity.py).
+    open_shards(index_dir, manifest, mine, False, coll, keep_open=False)
     for name in progress(mine, len(mine), "query", cfg.run.progress, unit="shard"):
-        with ShardReader(shard_file(index_dir, name)) as reader:
+        with open_shard(index_dir, manifest, name, verify_checksum=False) as reader:
             coords = coords_path(index_dir, name) if path == "factored" else None
             scores = score_shard(prepared, reader, coords, cfg.query.batch_examples, dtype).numpy()
             ids = reader.example_ids
@@ -345,7 +350,7 @@ def _topk_rows(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray,
 def _save_score_shard(path: Path, ids: np.ndarray, scores: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with h5py.File(tmp, "w") as h5:
+    with create_h5(tmp, "score shard") as h5:
         h5.create_dataset("example_id", data=ids)
         h5.create_dataset("scores", data=scores)  # [num_queries, n]: rows are queries
         h5.attrs["orientation"] = "queries x train"

@@ -16,6 +16,11 @@ A projected gradient is left @ diag(scale) @ right^T. HDF5 has no bfloat16; unit
 columns lie in [-1, 1], where float16 neither overflows nor loses its 11-bit precision to
 underflow for widths up to ~10^6, and the norm lives in the float32 scale.
 
+Every dataset with rows is chunked with HDF5's Fletcher-32 checksum filter, so any read
+of a corrupted chunk fails (h5py raises OSError) instead of returning wrong factors; the
+check costs CPU only, on reads that happen anyway. The whole-file SHA-256 of a finished
+shard is recorded in the manifest (see integrity.py for who verifies it, and when).
+
 While a shard is being written it does not exist under its final name. Every flush writes
 one part file (`rank-RRRRR.parts/part-NNNNNN.h5`) to a temporary name, fsyncs it and renames
 it, so a crash leaves only whole parts behind; a rerun resumes after the last whole part.
@@ -32,10 +37,13 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import torch
+
+from lorif_dist.safe_io import create_h5
 
 NP_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 
@@ -116,13 +124,24 @@ def to_storage(
     )
 
 
+def _checked_dataset(group: h5py.Group, key: str, arr: np.ndarray, rows: int) -> None:
+    """A dataset chunked by `rows` rows with a Fletcher-32 checksum per chunk (an empty
+    array cannot be chunked, and has nothing to protect)."""
+    if arr.shape[0] == 0:
+        group.create_dataset(key, data=arr)
+        return
+    chunks = (min(rows, arr.shape[0]),) + arr.shape[1:]
+    group.create_dataset(key, data=arr, chunks=chunks, fletcher32=True)
+
+
 def _write_block(h5: h5py.File, block: FactorBlock, chunk_rows: int) -> None:
     n = block.num_examples
     rows = max(1, min(n, chunk_rows))
-    h5.create_dataset("example_id", data=block.example_ids.astype(np.int64))
-    h5.create_dataset("loss", data=block.losses.astype(np.float32))
-    h5.create_dataset("num_tokens", data=block.num_tokens.astype(np.int32))
-    h5.create_dataset("skipped_example_id", data=np.asarray(block.skipped_ids, dtype=np.int64))
+    skipped = np.asarray(block.skipped_ids, dtype=np.int64)
+    _checked_dataset(h5, "example_id", block.example_ids.astype(np.int64), max(n, 1))
+    _checked_dataset(h5, "loss", block.losses.astype(np.float32), max(n, 1))
+    _checked_dataset(h5, "num_tokens", block.num_tokens.astype(np.int32), max(n, 1))
+    _checked_dataset(h5, "skipped_example_id", skipped, max(len(skipped), 1))
     group = h5.create_group("layers")
     for name in block.left:
         g = group.create_group(name)
@@ -131,8 +150,7 @@ def _write_block(h5: h5py.File, block: FactorBlock, chunk_rows: int) -> None:
             ("right", block.right[name]),
             ("scale", block.scale[name]),
         ):
-            chunks = (rows,) + arr.shape[1:] if n else None
-            g.create_dataset(key, data=arr, chunks=chunks)
+            _checked_dataset(g, key, arr, rows)
 
 
 def _read_block(h5: h5py.File) -> FactorBlock:
@@ -201,7 +219,7 @@ class ShardWriter:
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         final = self.parts_dir / f"part-{batch_start:06d}.h5"
         tmp = final.with_suffix(".tmp")
-        with h5py.File(tmp, "w") as h5:
+        with create_h5(tmp, "shard part") as h5:
             _write_block(h5, block, chunk_rows=block.num_examples)
             h5.attrs.update(
                 config_hash=self.config_hash, batch_start=batch_start, batch_stop=batch_stop
@@ -220,7 +238,7 @@ class ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".h5.tmp")
         # track_order and fixed attrs keep the file bytes a function of the contents only.
-        with h5py.File(tmp, "w", track_order=True) as h5:
+        with create_h5(tmp, "shard", track_order=True) as h5:
             _write_block(h5, block, chunk_rows)
             h5.attrs.update(
                 complete=True,
@@ -248,26 +266,42 @@ class ShardWriter:
         )
 
 
+class ShardCorruptError(ValueError):
+    """A shard that should be complete is missing, truncated or fails its checksums."""
+
+
 class ShardReader:
     """Reads a finished shard's factors layer by layer, in row blocks."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, regenerate: str | None = None) -> None:
         self.path = Path(path)
+        # How to rebuild this shard, quoted in every error (integrity.py knows the command).
+        self.regenerate = regenerate or "delete it and rerun extraction for its task and rank"
         if not self.path.is_file():
-            raise FileNotFoundError(f"shard {self.path} does not exist")
+            raise FileNotFoundError(f"shard {self.path} does not exist; {self.regenerate}")
         try:
             self.h5 = h5py.File(self.path, "r")
         except OSError as e:
-            raise ValueError(
+            raise ShardCorruptError(
                 f"shard {self.path} is not a readable HDF5 file ({e}); it is truncated or "
-                "corrupted: delete it and rerun extraction for its task and rank"
+                f"corrupted: {self.regenerate}"
             ) from e
         if not self.h5.attrs.get("complete", False):
-            raise ValueError(f"shard {self.path} is not marked complete; rerun its extraction")
-        self.example_ids = self.h5["example_id"][...]
+            self.h5.close()
+            raise ShardCorruptError(f"shard {self.path} is not marked complete; {self.regenerate}")
+        self.example_ids = self.read_checked(lambda: self.h5["example_id"][...], "example_id")
         # Factor bytes returned by `read` (stored dtypes), so a job can report and check what
         # it read: a curvature pass reads each owned shard's factors exactly once.
         self.bytes_read = 0
+
+    def read_checked(self, read: Any, what: str) -> Any:
+        """Runs a read; a failed checksum or a damaged structure names the file and the fix."""
+        try:
+            return read()
+        except (OSError, KeyError) as e:
+            raise ShardCorruptError(
+                f"shard {self.path} is corrupted: reading {what} failed ({e}); {self.regenerate}"
+            ) from e
 
     def __enter__(self) -> ShardReader:
         return self
@@ -296,8 +330,12 @@ class ShardReader:
         self, layer: str, start: int, stop: int, dtype: torch.dtype = torch.float32
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(left [n, d1, c], scale [n, c], right [n, d2, c]) for rows [start, stop)."""
-        g = self.h5["layers"][layer]
-        arrays = [g[key][start:stop] for key in ("left", "scale", "right")]
+
+        def read():
+            g = self.h5["layers"][layer]
+            return g["left"][start:stop], g["scale"][start:stop], g["right"][start:stop]
+
+        arrays = self.read_checked(read, f"layer {layer} rows {start}:{stop}")
         self.bytes_read += sum(a.nbytes for a in arrays)
         left, scale, right = (torch.from_numpy(np.ascontiguousarray(a)).to(dtype) for a in arrays)
         return left, scale, right
