@@ -261,15 +261,18 @@ def write_coordinates(index_dir, shard, reader, layers, block_rows, dtype) -> No
     path = coords_path(index_dir, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with h5py.File(tmp, "w") as h5:
+    with create_h5(tmp, "curvature coordinates file") as h5:
         for spec in layers:
             vectors, _, _ = load_curvature(index_dir, spec["name"], dtype)  # V [D, r]
-            coords = h5.create_dataset(
-                spec["name"],
-                shape=(reader.num_examples, vectors.shape[1]),
-                dtype=vectors.numpy().dtype,
-            )
+            coords = create_coords_dataset(h5, spec["name"], reader.num_examples, vectors)
             for _, start, block in iter_dense_blocks([reader], spec["name"], block_rows, dtype):
                 coords[start : start + block.shape[0]] = (block @ vectors).numpy()  # [n_b, r]
         h5.attrs["num_examples"] = reader.num_examples
     os.replace(tmp, path)
+
+
+def create_coords_dataset(h5, layer: str, num_examples: int, vectors: torch.Tensor):
+    """The (n, r) coordinates dataset of one layer (`lorif plan` sizes files with it too)."""
+    return h5.create_dataset(
+        layer, shape=(num_examples, vectors.shape[1]), dtype=vectors.numpy().dtype
+    )

@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from lorif_dist.config import Config
-from lorif_dist.modeling import LayerSpec, select_layers
+from lorif_dist.modeling import TORCH_DTYPES, LayerSpec, select_layers
 from lorif_dist.projection import projected_dims
 from lorif_dist.storage import NP_DTYPES, FactorBlock, ShardWriter
 
@@ -202,12 +203,16 @@ def curvature_file_overhead(compute_dtype: str) -> int:
 
 def coords_file_overhead(layers: list[LayerPlan], compute_dtype: str) -> int:
     """Metadata bytes of one `curvature/coords/...h5` (one (n, r) dataset per layer)."""
-    from lorif_dist.curvature import _write_atomic_h5  # the writer write_coordinates uses
+    from lorif_dist.curvature import create_coords_dataset  # what write_coordinates uses
+    from lorif_dist.safe_io import create_h5
 
-    arrays = {s.name: np.zeros((1, 1), NP_DTYPES[compute_dtype]) for s in layers}
+    vectors = torch.zeros(1, 1, dtype=TORCH_DTYPES[compute_dtype])
     with tempfile.TemporaryDirectory(prefix="lorif-plan-") as tmp:
         path = Path(tmp) / "coords.h5"
-        _write_atomic_h5(path, arrays, {"num_examples": 1})
+        with create_h5(path) as h5:
+            for spec in layers:
+                create_coords_dataset(h5, spec.name, 1, vectors)[0:1] = vectors.numpy()
+            h5.attrs["num_examples"] = 1
         return path.stat().st_size - len(layers) * DTYPE_BYTES[compute_dtype]
 
 
