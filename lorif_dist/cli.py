@@ -5,6 +5,8 @@
     lorif query     --config R.yaml [...]
     lorif run       --config R.yaml [...]     extract, curvature and query in one process
     lorif demo      [--limit N] [--prepare-only] [--section.field VALUE ...]
+    lorif evaluate tailpatch --config R.yaml [...]   top-k vs random-k vs bottom-k steps
+    lorif evaluate lds       --config R.yaml [...]   linear datamodeling score (retrains)
 
 Any config field can be overridden as `--section.field VALUE`, e.g.
 `--extract.projection_factor 16 --run.index_dir /scratch/idx`.
@@ -53,7 +55,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", default=None, help="where the demo index goes (default runs/demo)"
     )
     demo.add_argument("--top", type=int, default=5, help="proponents to print per query")
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="attribution quality of the saved scores: tail-patch or LDS",
+        description="attribution quality of the saved scores: tail-patch or LDS",
+    )
+    evaluate.add_argument("metric", choices=("tailpatch", "lds"))
+    evaluate.add_argument("--config", "-c", help="YAML recipe (see configs/)")
+    evaluate.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
     return parser
+
+
+def run_evaluate(metric: str, cfg: Config) -> dict:
+    from lorif_dist.distributed import init_runtime
+
+    runtime = init_runtime(cfg.model.device, cfg.run.backend, cfg.run.task_id, cfg.run.num_tasks)
+    setup_logging(runtime.rank)
+    if metric == "lds":
+        from lorif_dist.evaluate.lds import run_lds
+
+        return run_lds(cfg, runtime=runtime)
+    from lorif_dist.evaluate.tailpatch import run_tailpatch
+
+    return run_tailpatch(cfg) if runtime.is_main else {}
 
 
 def run_stage(command: str, cfg: Config) -> dict:
@@ -101,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
-        run_stage(args.command, cfg)
+        if args.command == "evaluate":
+            run_evaluate(args.metric, cfg)
+        else:
+            run_stage(args.command, cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         logger.error("error: %s", e)
         return _exit(2)
