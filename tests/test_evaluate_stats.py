@@ -109,3 +109,23 @@ def test_lds_score_matches_a_plain_loop():
     assert r["mean"] > 0.5  # informative scores rank the subsets
     noise = lds_score(rng.normal(size=scores.shape), subsets, utilities, num_samples=500)
     assert abs(noise["mean"]) < r["mean"] - 0.3
+
+
+def test_train_and_evaluate_fields_are_validated_by_name():
+    from lorif_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            None,
+            ["--evaluate.lds_fraction", "1.5", "--evaluate.tailpatch_optimizer", "lion"]
+            + ["--train.schedule", "step", "--evaluate.lds_subsets", "1", "--train.lr", "0"],
+        )
+    text = str(err.value)
+    for field in (
+        "evaluate.lds_fraction: expected a number in (0, 1), got 1.5",
+        "evaluate.tailpatch_optimizer",
+        "train.schedule",
+        "evaluate.lds_subsets: expected a number >= 2, got 1",
+        "train.lr: expected a number > 0, got 0.0",
+    ):
+        assert field in text

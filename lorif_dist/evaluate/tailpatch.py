@@ -186,11 +186,8 @@ class TailPatcher:
             self.restore()
             self.measured[t] = delta
             self._append_cache(t, delta)
-        return (
-            np.stack([self.measured[int(t)] for t in train_ids])
-            if len(train_ids)
-            else (np.zeros((0, self.num_queries)))
-        )
+        rows = [self.measured[int(t)] for t in train_ids]
+        return np.stack(rows) if rows else np.zeros((0, self.num_queries))
 
     def check_restored(self) -> None:
         """Raises RuntimeError unless every weight and every query log-prob is bit-identical

@@ -229,7 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/lds-tiny", help="where the inputs go")
     parser.add_argument("--config", default=str(TINY_CONFIG), help="the recipe (its train section)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: a model this small gains nothing from a second "
+        "thread and loses much when the cores are shared)",
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     setup_logging()
     prepare(args.out, args.config)
     return 0
