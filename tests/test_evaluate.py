@@ -179,3 +179,27 @@ def test_lds_end_to_end_resumes_and_refuses_another_recipe(scored_run, tmp_path,
     other = load_config(None, overrides + ["--train.lr", "0.02"])
     with pytest.raises(ValueError, match="different training recipe"):
         measure_utilities(other)
+
+
+def test_lds_runs_split_over_array_tasks(scored_run, tmp_path):
+    from lorif_dist.collectives import get_collective
+    from lorif_dist.distributed import Runtime
+
+    overrides, _ = scored_run
+    cfg = load_config(
+        None,
+        overrides
+        + ["--evaluate.lds_subsets", "3", "--evaluate.lds_seeds", "2"]
+        + ["--evaluate.lds_dir", str(tmp_path / "lds"), "--train.steps", "2"]
+        + ["--evaluate.lds_save_checkpoints", "false"],
+    )
+
+    def task(t: int) -> Runtime:
+        return Runtime(0, 1, 0, torch.device("cpu"), get_collective("single"), t, 2)
+
+    _, partial = measure_utilities(cfg, task(0))
+    done = sorted(p.parent.name + "/" + p.parent.parent.name for p in tmp_path.rglob("losses-*"))
+    assert partial is None and len(done) == 3  # half of the 6 runs, the other task's missing
+    assert not list(tmp_path.rglob("model"))  # lds_save_checkpoints=false
+    _, utilities = measure_utilities(cfg, task(1))
+    assert utilities.shape == (3, 3) and len(list(tmp_path.rglob("losses-*"))) == 6

@@ -264,7 +264,8 @@ def measure_utilities(
     subsets = _subsets(cfg, root, np.array([ex.example_id for ex in train]))
 
     # Local work: my share of the (subset, seed) runs; done ones are skipped.
-    runs = [(j, s) for j in range(ev.lds_subsets) for s in range(ev.lds_seeds)]
+    # Seed-major, so that raising lds_seeds later still splits the new runs evenly.
+    runs = [(j, s) for s in range(ev.lds_seeds) for j in range(ev.lds_subsets)]
     mine = runs[task * world + rank :: num_tasks * world]
     todo = [(j, s) for j, s in mine if not retrainer.losses_path(root, j, s).is_file()]
     logger.info(
