@@ -192,6 +192,9 @@ class EvaluateConfig:
     tailpatch_params: str = "tracked"
     # Use only the first N queries (None: all).
     tailpatch_queries: int | None = None
+    # Where each training example's measured effect is cached (default: evaluate.output's
+    # folder); methods compared on the same model and queries can share one.
+    tailpatch_cache: str | None = None
     # LDS: M subsets of fraction alpha, S retraining seeds each, by the `train` recipe.
     lds_subsets: int = 32
     lds_fraction: float = 0.5
@@ -423,7 +426,7 @@ def _resolve_paths(cfg: Config, base_dir: Path) -> None:
     if cfg.query.output:
         cfg.query.output = fix(cfg.query.output)
     cfg.train.init = fix(cfg.train.init)
-    for name in ("output", "scores", "lds_dir"):
+    for name in ("output", "scores", "lds_dir", "tailpatch_cache"):
         if getattr(cfg.evaluate, name):
             setattr(cfg.evaluate, name, fix(getattr(cfg.evaluate, name)))
 

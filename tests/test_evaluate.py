@@ -113,19 +113,23 @@ def test_tailpatch_is_first_order_exact_and_restores_bit_exactly(scored_run, tmp
         patcher.check_restored()
 
 
-def test_tailpatch_cache_is_reused(scored_run, tmp_path):
+def test_tailpatch_cache_is_reused_across_outputs(scored_run, tmp_path):
     overrides, scores = scored_run
-    cfg = load_config(
-        None,
-        overrides
-        + ["--evaluate.tailpatch_k", "2", "--evaluate.tailpatch_queries", "2"]
-        + ["--evaluate.output", str(tmp_path / "eval")],
-    )
-    first = run_tailpatch(cfg, scores)
-    again = run_tailpatch(cfg, scores)
+
+    def config(output: str):
+        return load_config(
+            None,
+            overrides
+            + ["--evaluate.tailpatch_k", "2", "--evaluate.tailpatch_queries", "2"]
+            + ["--evaluate.output", str(tmp_path / output)]
+            + ["--evaluate.tailpatch_cache", str(tmp_path / "cache")],
+        )
+
+    first = run_tailpatch(config("eval-a"), scores)
+    again = run_tailpatch(config("eval-b"), scores)  # another method's output, shared cache
     assert first["num_measured"] > 0 and again["num_measured"] == 0
     assert first["per_query"] == again["per_query"] and len(first["per_query"]) == 2
-    saved = json.loads((tmp_path / "eval" / "tailpatch.json").read_text())
+    saved = json.loads((tmp_path / "eval-b" / "tailpatch.json").read_text())
     assert saved["top"] == again["top"]
 
 

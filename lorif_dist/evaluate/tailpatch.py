@@ -80,7 +80,8 @@ class TailPatcher:
         model, tokenizer: optional already-loaded ones (the model must hold train.dtype).
         queries: optional query examples; default, the query stage's (queries.jsonl).
         train_examples: optional training examples; default, data.train_files tokenized.
-        cache: keep measurements in <evaluate dir>/tailpatch-cache-<hash>.jsonl.
+        cache: keep measurements in <evaluate.tailpatch_cache or the evaluate dir>/
+            tailpatch-cache-<hash>.jsonl (the hash covers model, queries, data, settings).
     """
 
     def __init__(
@@ -218,7 +219,8 @@ class TailPatcher:
         }
 
     def _cache_path(self) -> Path:
-        return evaluate_dir(self.cfg) / f"tailpatch-cache-{short_hash(self._identity())}.jsonl"
+        folder = Path(self.cfg.evaluate.tailpatch_cache or evaluate_dir(self.cfg))
+        return folder / f"tailpatch-cache-{short_hash(self._identity())}.jsonl"
 
     def _read_cache(self) -> None:
         if self.cache_path is None or not self.cache_path.is_file():
