@@ -7,6 +7,8 @@
     lorif demo      [--limit N] [--prepare-only] [--section.field VALUE ...]
     lorif inspect   INDEX [--verify] [--json]   stages, shards, examples, bytes, next step
     lorif plan      --model CONFIG.json --num-examples N [...]   storage, memory, time
+    lorif evaluate tailpatch --config R.yaml [...]   top-k vs random-k vs bottom-k steps
+    lorif evaluate lds       --config R.yaml [...]   linear datamodeling score (retrains)
 
 Any config field can be overridden as `--section.field VALUE`, e.g.
 `--extract.projection_factor 16 --run.index_dir /scratch/idx`.
@@ -67,7 +69,31 @@ def build_parser() -> argparse.ArgumentParser:
     from lorif_dist.plan_cli import add_plan_arguments
 
     add_plan_arguments(sub)
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="attribution quality of the saved scores: tail-patch or LDS",
+        description="attribution quality of the saved scores: tail-patch or LDS",
+    )
+    evaluate.add_argument("metric", choices=("tailpatch", "lds"))
+    evaluate.add_argument("--config", "-c", help="YAML recipe (see configs/)")
+    evaluate.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
     return parser
+
+
+def run_evaluate(metric: str, cfg: Config) -> dict:
+    from lorif_dist.distributed import init_runtime
+
+    runtime = init_runtime(cfg.model.device, cfg.run.backend, cfg.run.task_id, cfg.run.num_tasks)
+    setup_logging(runtime.rank)
+    if metric == "lds":
+        from lorif_dist.evaluate.lds import run_lds
+
+        return run_lds(cfg, runtime=runtime)
+    from lorif_dist.evaluate.tailpatch import run_tailpatch
+
+    return run_tailpatch(cfg) if runtime.is_main else {}
 
 
 def run_stage(command: str, cfg: Config) -> dict:
@@ -113,13 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             run_plan_command(args, rest)
             return 0
         if args.command == "demo":
-            if rest:
-                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            from lorif_dist.config import parse_overrides
             from lorif_dist.demo import run_demo
 
-            run_demo(
-                limit=args.limit, prepare_only=args.prepare_only, workdir=args.workdir, top=args.top
-            )
+            parse_overrides(rest)  # a malformed override fails before minutes of work
+            run_demo(args.limit, args.prepare_only, args.workdir, args.top, overrides=rest)
             return _exit(0)
         cfg = load_config(args.config, rest)
         if args.print_config:
@@ -127,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
-        run_stage(args.command, cfg)
+        if args.command == "evaluate":
+            run_evaluate(args.metric, cfg)
+        else:
+            run_stage(args.command, cfg)
     except (ConfigError, ValueError, FileNotFoundError, DiskFullError) as e:
         logger.error("error: %s", e)
         return _exit(2)

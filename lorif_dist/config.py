@@ -153,6 +153,65 @@ class RunConfig:
 
 
 @dataclass
+class TrainConfig:
+    """A training recipe: LDS retrains `init` on each data subset with it (and the tiny
+    LDS recipe builds its attributed model with it from the full training set)."""
+
+    # Checkpoint every retraining starts from (a pre-SFT base model, or a fixed random init).
+    init: str = ""
+    steps: int = 100
+    lr: float = 1e-3
+    batch_size: int = 16
+    # "adamw" or "sgd" (plain, no momentum).
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    # Linear warmup, then "constant" or "cosine" decay to zero at `steps`.
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    # Seed of the batch order; seed s of an LDS run uses seed + s.
+    seed: int = 0
+    # Training and evaluation dtype (float32: small updates vanish in bfloat16 weights).
+    dtype: str = "float32"
+
+
+@dataclass
+class EvaluateConfig:
+    """Attribution quality: tail-patch and the linear datamodeling score (LDS)."""
+
+    # Where results go (default <index>/evaluate) and where the score matrix is read from
+    # (default the query stage's output: query.output or <index>/query).
+    output: str | None = None
+    scores: str | None = None
+    # Tail-patch: one optimizer step on each of a query's top-k, bottom-k and k random
+    # training examples; the change in the query's log-probability of its response.
+    tailpatch_k: int = 5
+    # "sgd" (default): a step along the example's own gradient, the quantity influence
+    # approximates; "adam": a fresh Adam's first step, lr * g / (|g| + eps), ~ lr * sign(g).
+    tailpatch_optimizer: str = "sgd"
+    tailpatch_lr: float = 1e-5
+    tailpatch_steps: int = 1
+    # "tracked": update only the tracked layers (what the scores model); "all": every weight.
+    tailpatch_params: str = "tracked"
+    # Use only the first N queries (None: all).
+    tailpatch_queries: int | None = None
+    # Where each training example's measured effect is cached (default: evaluate.output's
+    # folder); methods compared on the same model and queries can share one.
+    tailpatch_cache: str | None = None
+    # LDS: M subsets of fraction alpha, S retraining seeds each, by the `train` recipe.
+    lds_subsets: int = 32
+    lds_fraction: float = 0.5
+    lds_seeds: int = 1
+    # Retrained checkpoints and measured query losses are cached here (default <index>/lds);
+    # indexes built from the same model and data can share it.
+    lds_dir: str | None = None
+    lds_save_checkpoints: bool = True
+    # Bootstrap resamples and confidence level of every interval; seed of all random draws.
+    bootstrap_samples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -160,6 +219,8 @@ class Config:
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def __post_init__(self) -> None:
         problems = _check(self)
@@ -230,7 +291,35 @@ def _check(cfg: Config) -> list[str]:
         _at_least(p, "run.task_id", r.task_id, 0)
         if r.num_tasks is not None and r.task_id >= r.num_tasks:
             p.append(f"run.task_id: expected < run.num_tasks ({r.num_tasks}), got {r.task_id}")
+    _check_train_evaluate(p, cfg.train, cfg.evaluate)
     return p
+
+
+def _check_train_evaluate(p: list[str], t: TrainConfig, ev: EvaluateConfig) -> None:
+    _at_least(p, "train.steps", t.steps, 1)
+    if not isinstance(t.lr, (int, float)) or not t.lr > 0:
+        p.append(f"train.lr: expected a number > 0, got {t.lr!r}")
+    _at_least(p, "train.batch_size", t.batch_size, 1)
+    _choice(p, "train.optimizer", t.optimizer, ("adamw", "sgd"))
+    _at_least(p, "train.weight_decay", t.weight_decay, 0)
+    _at_least(p, "train.warmup_steps", t.warmup_steps, 0)
+    _choice(p, "train.schedule", t.schedule, ("constant", "cosine"))
+    _choice(p, "train.dtype", t.dtype, ("float32", "float64"))
+    _at_least(p, "evaluate.tailpatch_k", ev.tailpatch_k, 1)
+    _choice(p, "evaluate.tailpatch_optimizer", ev.tailpatch_optimizer, ("sgd", "adam"))
+    if not isinstance(ev.tailpatch_lr, (int, float)) or not ev.tailpatch_lr > 0:
+        p.append(f"evaluate.tailpatch_lr: expected a number > 0, got {ev.tailpatch_lr!r}")
+    _at_least(p, "evaluate.tailpatch_steps", ev.tailpatch_steps, 1)
+    _choice(p, "evaluate.tailpatch_params", ev.tailpatch_params, ("tracked", "all"))
+    if ev.tailpatch_queries is not None:
+        _at_least(p, "evaluate.tailpatch_queries", ev.tailpatch_queries, 1)
+    _at_least(p, "evaluate.lds_subsets", ev.lds_subsets, 2)
+    if not isinstance(ev.lds_fraction, (int, float)) or not 0 < ev.lds_fraction < 1:
+        p.append(f"evaluate.lds_fraction: expected a number in (0, 1), got {ev.lds_fraction!r}")
+    _at_least(p, "evaluate.lds_seeds", ev.lds_seeds, 1)
+    _at_least(p, "evaluate.bootstrap_samples", ev.bootstrap_samples, 10)
+    if not isinstance(ev.confidence, (int, float)) or not 0 < ev.confidence < 1:
+        p.append(f"evaluate.confidence: expected a number in (0, 1), got {ev.confidence!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,6 +429,10 @@ def _resolve_paths(cfg: Config, base_dir: Path) -> None:
         cfg.run.deepspeed_config = fix(cfg.run.deepspeed_config)
     if cfg.query.output:
         cfg.query.output = fix(cfg.query.output)
+    cfg.train.init = fix(cfg.train.init)
+    for name in ("output", "scores", "lds_dir", "tailpatch_cache"):
+        if getattr(cfg.evaluate, name):
+            setattr(cfg.evaluate, name, fix(getattr(cfg.evaluate, name)))
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
