@@ -149,8 +149,10 @@ class RunConfig:
 
     index_dir: str = "runs/index"
     # "none": every rank holds the whole model; "fsdp": FSDP2 per decoder block;
-    # "zero3": DeepSpeed ZeRO-3.
+    # "zero3": DeepSpeed ZeRO-3 (see lorif_dist/parallel.py and the README's "Launching").
     parallel: str = "none"
+    # DeepSpeed JSON for parallel zero3 (default: accelerate's, else built-in settings).
+    deepspeed_config: str | None = None
     # Array task split (SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT when not given).
     task_id: int | None = None
     num_tasks: int | None = None
@@ -352,6 +354,8 @@ def _resolve_paths(cfg: Config, base_dir: Path) -> None:
     cfg.data.train_files = [fix(p) for p in cfg.data.train_files]
     cfg.query.files = [fix(p) for p in cfg.query.files]
     cfg.run.index_dir = fix(cfg.run.index_dir)
+    if cfg.run.deepspeed_config:
+        cfg.run.deepspeed_config = fix(cfg.run.deepspeed_config)
     if cfg.query.output:
         cfg.query.output = fix(cfg.query.output)
 

@@ -216,6 +216,7 @@ def run_curvature(cfg: Config, runtime: Runtime) -> dict[str, Any]:
                 "coordinates_cached": cc.cache_coordinates,
             },
         )
+    coll.barrier()  # a query started next in this process must see the manifest entry
     mean_explained = float(np.mean([v["explained_variance"] for v in report.values()]))
     summary(
         "curvature",

@@ -210,6 +210,21 @@ def load_examples(
     records = read_records(files, limit)
     if not records:
         raise ValueError(f"no examples found in {list(files)}: the files are empty")
+    return tokenize_records(
+        tokenizer, records, fmt, max_length, chat_template, system_prompt, template_vars
+    )
+
+
+def tokenize_records(
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    fmt: str = "auto",
+    max_length: int = 512,
+    chat_template: bool = True,
+    system_prompt: str | None = None,
+    template_vars: dict[str, str] | None = None,
+) -> tuple[list[Example], TokenizeReport]:
+    """Tokenizes records (ids are their positions); see `load_examples`."""
     use_template = bool(chat_template and getattr(tokenizer, "chat_template", None))
     report = TokenizeReport(num_records=len(records))
     examples = []

@@ -31,6 +31,14 @@ from lorif_dist.modeling import (
     per_example_loss,
     select_layers,
 )
+from lorif_dist.parallel import (
+    dummy_batch,
+    load_sharded_model,
+    lockstep_passes,
+    release_after_backward,
+    run_discarded_passes,
+    warn_launcher_mismatch,
+)
 from lorif_dist.projection import build_projections, layer_seed, projection_hash
 from lorif_dist.storage import (
     FactorBlock,
@@ -89,9 +97,8 @@ class GradientExtractor:
 
     def _load_model(self) -> Any:
         cfg = self.cfg
+        warn_launcher_mismatch(cfg, self.runtime)
         if cfg.run.parallel != "none":
-            from lorif_dist.parallel import load_sharded_model
-
             return load_sharded_model(cfg, self.runtime)
         model = load_model(
             cfg.model.name_or_path,
@@ -108,10 +115,6 @@ class GradientExtractor:
     def close(self) -> None:
         self.capture.__exit__(None, None, None)
 
-    @property
-    def response_logits_only(self) -> bool:
-        return self.cfg.run.parallel != "fsdp"
-
     def batch_gradients(
         self, batch: Sequence[Example]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
@@ -121,10 +124,10 @@ class GradientExtractor:
         enc = {k: v.to(self.runtime.device) for k, v in enc.items()}
         self.capture.begin(enc["attention_mask"])
         with torch.enable_grad():
-            losses = per_example_loss(
-                self.model, enc, self.cfg.extract.loss_reduction, self.response_logits_only
-            )
+            losses = per_example_loss(self.model, enc, self.cfg.extract.loss_reduction)
             losses.sum().backward()
+        if self.cfg.run.parallel == "zero3":
+            release_after_backward(self.model)
         grads = self.capture.collect()
         finite = torch.isfinite(losses.detach())
         for grad in grads.values():
@@ -274,10 +277,16 @@ def run_extract(
     if done and runtime.is_main:
         logger.info("extract: resuming after %d of %d batches", done, len(batches))
 
+    # A sharded model gathers weights in every pass, so a rank with fewer batches left (or
+    # a finished shard, or no examples) runs discarded passes until the busiest is done.
+    num_extra = lockstep_passes(cfg, runtime, len(batches) - done)
+
     # Local work: batches -> factors -> parts on disk every flush_examples examples.
     stats = _extract_batches(cfg, runtime, extractor, writer, batches, done)
 
-    # Write: join parts into the shard, record it in the manifest.
+    # Write: join parts into the shard, record it in the manifest. A rank that finished
+    # early saves its shard before keeping step with the others, so a crash elsewhere
+    # costs it nothing.
     if not writer.complete:
         num_stored, sha = writer.finalize()
         record_shard(
@@ -290,6 +299,8 @@ def run_extract(
                 "skipped_nonfinite": stats["skipped_ids"],
             },
         )
+    if num_extra:
+        run_discarded_passes(extractor, dummy_batch(examples), num_extra)
     coll.barrier()
 
     # Summary across ranks: totals, and the slowest rank's time.

@@ -60,7 +60,9 @@ def layer_kind(module: nn.Module) -> str | None:
 
 def module_widths(module: nn.Module, kind: str) -> tuple[int, int]:
     if kind == "conv1d":
-        return int(module.weight.shape[0]), int(module.weight.shape[1])
+        # A ZeRO-3 partitioned weight is empty here; `ds_shape` keeps its full shape.
+        shape = getattr(module.weight, "ds_shape", module.weight.shape)
+        return int(shape[0]), int(shape[1])
     return int(module.in_features), int(module.out_features)
 
 
@@ -179,7 +181,19 @@ def model_fingerprint(model: nn.Module, name_or_path: str | None = None) -> dict
         for name, tensor in sorted(model.state_dict().items()):
             t = tensor.detach().to("cpu", torch.float64).contiguous()
             h.update(name.encode() + t.numpy().tobytes()[:65536])
-    return {"class": type(model).__name__, "hash": h.hexdigest()[:16]}
+    return {"class": model_class_name(model), "hash": h.hexdigest()[:16]}
+
+
+def model_class_name(model: nn.Module) -> str:
+    """The model's own class name; FSDP2 swaps in a subclass named FSDP<name>."""
+    cls = type(model)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return cls.__name__
+    while issubclass(cls, FSDPModule) and cls is not FSDPModule:
+        cls = next(base for base in cls.__bases__ if base is not FSDPModule)
+    return cls.__name__
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,9 +210,10 @@ def per_example_loss(
 
     With `response_logits_only`, logits are computed only at positions whose next token
     carries a label: on SFT data prompts are a large share of tokens, and the LM head is the
-    widest matmul of a small model. This calls the decoder body and the head separately,
-    which a wrapper that gathers weights only in the root module's forward (FSDP2 with a
-    sharded root) does not allow; such runs pass False and pay for all logits.
+    widest matmul of a small model. The positions are picked by a pre-hook on the LM head
+    inside the model's own forward, so wrappers that gather weights around the root
+    module's forward (FSDP2's root, DeepSpeed ZeRO-3) see one ordinary forward call, and a
+    model's own logit post-processing (e.g. soft-capping) still applies.
     """
     inputs = {
         "input_ids": batch["input_ids"],
@@ -208,15 +223,27 @@ def per_example_loss(
     }
     targets = batch["labels"][:, 1:]  # token t+1 is predicted at position t
     rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    if response_logits_only:
-        body = getattr(model, model.base_model_prefix)
-        hidden = body(**inputs).last_hidden_state  # [B, T, H]
-        logits = model.get_output_embeddings()(hidden[:, :-1][rows, cols])  # [n, V]
-        softcap = getattr(model.config, "final_logit_softcapping", None)
-        if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
-    else:
-        logits = model(**inputs).logits[:, :-1][rows, cols]  # [n, V]
+    head = model.get_output_embeddings() if response_logits_only else None
+    handle = None
+    if head is not None:
+        full_shape = tuple(batch["input_ids"].shape)
+        fired = []
+
+        def keep_labelled(module: nn.Module, args: tuple) -> tuple | None:
+            hidden = args[0]  # [B, T, H] when the head sees every position
+            if fired or hidden.dim() != 3 or tuple(hidden.shape[:2]) != full_shape:
+                return None
+            fired.append(True)
+            return (hidden[:, :-1][rows, cols],) + tuple(args[1:])  # [n, H]
+
+        handle = head.register_forward_pre_hook(keep_labelled)
+    try:
+        logits = model(**inputs).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if logits.dim() == 3:  # [B, T, V]: the head was not called on all positions as a module
+        logits = logits[:, :-1][rows, cols]  # [n, V]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # the softmax of a 50k+ vocabulary needs fp32 accumulation
     token_loss = torch.nn.functional.cross_entropy(logits, targets[rows, cols], reduction="none")

@@ -46,7 +46,13 @@ import torch
 from lorif_dist.baselines import index_method, precondition_dense
 from lorif_dist.config import Config
 from lorif_dist.curvature import coords_path, load_curvature, shard_file
-from lorif_dist.data import Example, load_examples, read_records, to_messages, token_budget_batches
+from lorif_dist.data import (
+    Example,
+    read_records,
+    to_messages,
+    token_budget_batches,
+    tokenize_records,
+)
 from lorif_dist.distributed import Runtime
 from lorif_dist.extract import GradientExtractor
 from lorif_dist.factorize import densify, factorize, start_block
@@ -80,6 +86,9 @@ def generate_responses(
 ) -> list[dict]:
     """Greedy responses of the model itself, as chat records."""
     tok, model, cfg = extractor.tokenizer, extractor.model, extractor.cfg
+    # A sharded model gathers weights in every decoding step: ranks keep stepping until all
+    # are done, so one that meets EOS early does not leave the others waiting.
+    sharded = cfg.run.parallel != "none" and extractor.runtime.world_size > 1
     records = []
     for prompt in prompts:
         messages = to_messages(
@@ -99,6 +108,7 @@ def generate_responses(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tok.pad_token_id,
+                synced_gpus=sharded,
             )
         response = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
         records.append({"messages": messages + [{"role": "assistant", "content": response}]})
@@ -107,29 +117,28 @@ def generate_responses(
 
 def load_queries(cfg: Config, extractor: GradientExtractor) -> list[Example]:
     """Query examples: from query.files, then prompts answered by the model (in that order)."""
+    d = cfg.data
     records: list[dict] = []
     if cfg.query.files:
-        records.extend(read_records(cfg.query.files))
+        # As chat records, read in data.format, like the generated answers below: one
+        # format for all, whatever data.format says.
+        for record in read_records(cfg.query.files):
+            messages = to_messages(record, d.format, d.system_prompt, d.template_vars)
+            records.append({"messages": messages})
     if cfg.query.prompts:
-        records.extend(generate_responses(extractor, cfg.query.prompts, cfg.query.max_new_tokens))
+        generated = generate_responses(extractor, cfg.query.prompts, cfg.query.max_new_tokens)
+        if cfg.run.parallel != "none":
+            # Every rank generated (each step all-gathers); rank 0's text is the one used, so
+            # all ranks cut the same batches even if their decodes differed in a last bit.
+            generated = extractor.runtime.collective.broadcast_object(generated, src=0)
+        for record in generated:
+            records.append({"messages": to_messages(record, "messages", None, d.template_vars)})
     if not records:
         raise ValueError("no queries: set query.files and/or query.prompts")
-    tmp = Path(cfg.run.index_dir) / ".queries.tmp.jsonl"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    d = cfg.data
-    try:
-        examples, report = load_examples(
-            extractor.tokenizer,
-            [str(tmp)],
-            d.format,
-            d.max_length,
-            d.chat_template,
-            d.system_prompt,
-            d.template_vars,
-        )
-    finally:
-        tmp.unlink(missing_ok=True)
+    # System prompt and template variables are already in the messages.
+    examples, report = tokenize_records(
+        extractor.tokenizer, records, "messages", d.max_length, d.chat_template, None, {}
+    )
     if report.skipped:
         logger.warning("query: skipped queries %s", report.skipped)
     return examples
@@ -299,8 +308,8 @@ def run_query(
         grads = query_gradients(extractor, queries)
         gradient_seconds = timer.seconds
         prepared = precondition(cfg, grads, path, dtype, method)
-    if cfg.run.parallel == "none":
-        prepared = coll.broadcast_object(prepared, src=0)
+    # Sharded runs computed it on every rank; rank 0's copy is the one all ranks score with.
+    prepared = coll.broadcast_object(prepared, src=0)
     logger.info(
         "query: %s, %d queries, %s path, normalize %s, %d shards over %d rank(s)",
         method,
