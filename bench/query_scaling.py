@@ -14,9 +14,9 @@ computing the query gradients. The settings:
     logra f=8                           same D as LoRIF f=8 (matched D)
     logra f=16                          a quarter of that D
 
-Timing is wall-clock with `--threads` torch threads (default 1), the fastest of two
-repetitions, shards read from the page cache after the first; results go to
-bench/results/query-scaling.json.
+Times are the process's CPU seconds with one torch thread (the default; wall seconds with
+more), the fastest of two repetitions, shards read from the page cache after the first;
+results go to bench/results/query-scaling.json.
 """
 
 from __future__ import annotations
@@ -130,11 +130,12 @@ def time_queries(root: Path, method: str, f: int, path: str, num_queries: int) -
     }
     shard = root / "shards" / "task-0000" / "rank-00000.h5"
     coords = coords_path(root, "task-0000/rank-00000") if path == "factored" else None
-    start = time.perf_counter()
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    start = clock()
     prepared = precondition(cfg, grads, path, torch.float32, method)
     with ShardReader(shard) as reader:
         score_shard(prepared, reader, coords, 512, torch.float32)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def main(argv: list[str] | None = None) -> int:

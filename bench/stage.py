@@ -4,8 +4,10 @@
 
 A fresh process per stage makes peak memory a property of the stage: `rss_peak_mb` is the
 process's peak resident set, `rss_start_mb` the resident set after imports (Python, torch,
-transformers), so their difference is what the stage itself held at its peak. Seconds are
-the stage's own (model loading excluded); `BENCH_THREADS` sets torch's thread count.
+transformers), so their difference is what the stage itself held at its peak. `seconds` are
+the stage's own wall seconds as it reports them (model loading excluded), `cpu_seconds` the
+process's CPU seconds over the same call: with one thread (`BENCH_THREADS`, default 1) the
+latter are what other processes on a shared machine do not inflate.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ def main(argv: list[str]) -> int:
         from lorif_dist.extract import GradientExtractor, run_extract
 
         extractor = GradientExtractor(cfg, runtime)
+        cpu = time.process_time()
         result = run_extract(cfg, runtime, extractor)
+        record["cpu_seconds"] = time.process_time() - cpu
         record.update(
             seconds=result.seconds,
             num_examples=result.num_examples,
@@ -53,14 +57,18 @@ def main(argv: list[str]) -> int:
     elif stage == "curvature":
         from lorif_dist.curvature import run_curvature
 
+        cpu = time.process_time()
         report = run_curvature(cfg, runtime)
+        record["cpu_seconds"] = time.process_time() - cpu
         record.update(seconds=time.perf_counter() - start, layers=report)
     elif stage == "query":
         from lorif_dist.extract import GradientExtractor
         from lorif_dist.query import run_query
 
         extractor = GradientExtractor(cfg, runtime)  # model loading is not query time
+        cpu = time.process_time()
         result = run_query(cfg, runtime, extractor)
+        record["cpu_seconds"] = time.process_time() - cpu
         record.update(
             seconds=result["seconds"],
             score_seconds=result["score_seconds"],
