@@ -30,7 +30,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,8 @@ class Recipe:
     # (LoRIF run, LoGRA run) pairs chosen to store about the same bytes per example.
     matched_storage: tuple[tuple[str, str], ...] = ()
     extra: tuple[str, ...] = ()
+    # Query prompts added to the recipe's own (more queries, tighter intervals).
+    extra_prompts: tuple[str, ...] = ()
 
 
 # A smoke test of the bench itself: configs/tiny.yaml (python -m lorif_dist.testing runs/tiny).
@@ -122,6 +124,13 @@ RECIPES = {
             RunSpec("graddot", 8),
         ),
         matched_storage=(("lorif-f8-c1-r64", "logra-f48"),),
+        extra_prompts=(
+            "Tell me your name and who trained you.",
+            "Give me three tips for sleeping better.",
+            "Write a haiku about autumn leaves.",
+            "How do I bake a simple loaf of bread?",
+            "Explain photosynthesis in one sentence.",
+        ),
     ),
     **RECIPES_SMOKE,
 }
@@ -213,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="rebuild runs that exist")
     parser.add_argument("--no-quality", action="store_true", help="skip LDS / tail-patch")
     args, rest = parser.parse_known_args(argv)
-    recipe = RECIPES[args.recipe]
+    recipe = _with_prompts(RECIPES[args.recipe], WORK / args.recipe)
     base = demo_overrides(recipe.config) + list(recipe.extra) + ["--run.progress", "off"]
     base += ["--query.save_scores", "true", "--run.backend", "single"]
     if args.limit:
@@ -244,6 +253,20 @@ def main(argv: list[str] | None = None) -> int:
 
     print(write_report(results))
     return 0
+
+
+def _with_prompts(recipe: Recipe, work: Path) -> Recipe:
+    """The recipe with its extra prompts, as a config file written next to its runs."""
+    if not recipe.extra_prompts:
+        return recipe
+    import yaml
+
+    raw = yaml.safe_load((ROOT / recipe.config).read_text())
+    raw["query"]["prompts"] = list(raw["query"].get("prompts") or []) + list(recipe.extra_prompts)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / Path(recipe.config).name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return replace(recipe, config=str(path))
 
 
 def _limit(recipe: Recipe, limit: int) -> list[str]:
