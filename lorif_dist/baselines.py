@@ -132,6 +132,7 @@ def run_baseline_curvature(cfg: Config, runtime: Runtime) -> dict[str, Any]:
                 "coordinates_cached": False,
             },
         )
+    coll.barrier()  # a query started next in this process must see the manifest entry
     summary("curvature", method=method, layers=len(layers), seconds=seconds)
     return report
 

@@ -198,3 +198,39 @@ def test_dense_float16_round_trip_neither_overflows_nor_underflows(tmp_path, mag
     empty.finalize()
     with ShardReader(tmp_path / "e.h5") as reader:
         assert reader.read_dense("layer", 0, 0).shape == (0, 120)
+
+
+def test_two_ranks_equal_one_rank_for_the_baselines(tmp_path, checkpoints, data_files):
+    """The G^T G all-reduce (logra), identity curvature (graddot) and the per-shard training
+    statistics of the normalizations give one rank's scores on two gloo ranks."""
+    from tests.multirank import spawn_ranks
+    from tests.pipeline import run_pipeline
+
+    def overrides(index, method, normalize, backend):
+        return exact_overrides(
+            index, checkpoints["llama"], [data_files["train"]], data_files["queries"]
+        ) + [
+            "--extract.method",
+            method,
+            "--extract.projection_factor",
+            "2",
+            "--extract.max_batch_size",
+            "2",
+            "--query.normalize",
+            normalize,
+            "--run.backend",
+            backend,
+        ]
+
+    cases = [("logra", "cosine"), ("graddot", "unit")]
+    spawn_ranks(
+        2, [{"overrides": overrides(tmp_path / f"w2-{m}", m, n, "torch")} for m, n in cases]
+    )
+    for method, normalize in cases:
+        _, expected, _ = run_pipeline(
+            overrides(tmp_path / f"w1-{method}", method, normalize, "single")
+        )
+        num = load_manifest(tmp_path / f"w2-{method}")["dataset"]["num_records"]
+        got = load_score_matrix(tmp_path / f"w2-{method}" / "query", num)
+        assert np.isnan(got).sum() == np.isnan(expected).sum()
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12, err_msg=method)
