@@ -50,20 +50,25 @@ class RunSpec:
 
     method: str
     f: int
-    c: int = 1
+    c: int = 1  # 0: exact factors (c = min(d1, d2))
     r: int = 64
+    path: str = "auto"  # LoRIF's query path
 
     @property
     def name(self) -> str:
-        if self.method == "lorif":
-            return f"lorif-f{self.f}-c{self.c}-r{self.r}"
-        return f"{self.method}-f{self.f}"
+        if self.method != "lorif":
+            return f"{self.method}-f{self.f}"
+        c = "exact" if self.c == 0 else f"c{self.c}"
+        return f"lorif-f{self.f}-{c}-r{self.r}" + ("" if self.path == "auto" else f"-{self.path}")
 
     def overrides(self) -> list[str]:
         out = ["--extract.method", self.method, "--extract.projection_factor", str(self.f)]
         if self.method == "lorif":
-            out += ["--extract.factor_rank", str(self.c), "--curvature.rank", str(self.r)]
-            out += ["--query.path", "auto"]
+            if self.c == 0:
+                out += ["--extract.exact_factors", "true"]
+            else:
+                out += ["--extract.factor_rank", str(self.c)]
+            out += ["--curvature.rank", str(self.r), "--query.path", self.path]
         return out
 
 
@@ -101,6 +106,13 @@ RECIPES = {
             RunSpec("lorif", 2, 1, 64),
             RunSpec("lorif", 2, 2, 64),
             RunSpec("lorif", 4, 1, 64),
+            # Ablations at f = 4 (D of LoGRA f = 4): what separates LoRIF from LoGRA there.
+            RunSpec("lorif", 4, 1, 64, "dense"),
+            RunSpec("lorif", 4, 1, 512, "dense"),
+            RunSpec("lorif", 4, 2, 64, "dense"),
+            RunSpec("lorif", 4, 4, 64, "dense"),
+            RunSpec("lorif", 4, 0, 64, "dense"),
+            RunSpec("lorif", 4, 0, 512, "dense"),
             RunSpec("logra", 2),
             RunSpec("logra", 4),
             RunSpec("logra", 8),
