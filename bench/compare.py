@@ -113,6 +113,13 @@ RECIPES = {
             RunSpec("lorif", 4, 4, 64, "dense"),
             RunSpec("lorif", 4, 0, 64, "dense"),
             RunSpec("lorif", 4, 0, 512, "dense"),
+            # Rank-1 keeps half of a per-example gradient's energy on this model: spend the
+            # storage on c instead of on a smaller f.
+            RunSpec("lorif", 8, 2, 64, "dense"),
+            RunSpec("lorif", 8, 4, 64, "dense"),
+            RunSpec("lorif", 4, 4, 64),
+            RunSpec("lorif", 4, 8, 64, "dense"),
+            RunSpec("lorif", 2, 4, 64, "dense"),
             RunSpec("logra", 2),
             RunSpec("logra", 4),
             RunSpec("logra", 8),

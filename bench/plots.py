@@ -85,6 +85,27 @@ def layer_spectra(index_dir: Path) -> dict[str, list[float]]:
     return out
 
 
+def rank_energy(index_dir: Path, ranks=(1, 2, 4)) -> dict[str, float]:
+    """Mean share of ||G~||_F^2 that the best rank-c factors keep, over examples and layers.
+
+    What LoRIF's rank-c storage throws away, measured on the exact projected gradients of
+    a dense-storage index (each row reshaped to its d1 x d2 matrix).
+    """
+    from lorif_dist.manifest import load_manifest
+
+    dims = {s["name"]: (s["d1"], s["d2"]) for s in load_manifest(index_dir)["identity"]["layers"]}
+    kept = {c: [] for c in ranks}
+    for path in sorted((index_dir / "shards").rglob("*.h5")):
+        with ShardReader(path) as reader:
+            for layer, (d1, d2) in dims.items():
+                rows = reader.read_dense(layer, 0, reader.num_examples, torch.float64)
+                sq = torch.linalg.svdvals(rows.reshape(-1, d1, d2)) ** 2  # [n, min(d1, d2)]
+                total = sq.sum(dim=1).clamp(min=1e-300)
+                for c in ranks:
+                    kept[c].append((sq[:, :c].sum(dim=1) / total).mean().item())
+    return {f"c={c}": float(np.mean(v)) for c, v in kept.items()}
+
+
 def spectrum_plot(spectra: dict[str, list[float]], title: str, rank: int, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=110)
     kinds = sorted({name.rsplit(".", 1)[-1] for name in spectra})
@@ -151,6 +172,7 @@ def main() -> int:
         if (index / "shards").is_dir():
             spectra = layer_spectra(index)
             write_json(RESULTS / f"spectrum-{recipe}.json", spectra)
+            write_json(RESULTS / f"rank-energy-{recipe}.json", rank_energy(index))
             title = f"Per-layer spectrum, {recipe} ({run}: exact projected gradients)"
             made.append(spectrum_plot(spectra, title, rank, RESULTS / f"spectrum-{recipe}.png"))
     path = RESULTS / "query-scaling.json"
