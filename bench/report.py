@@ -39,19 +39,28 @@ def quality_of(record: dict[str, Any], norm: str) -> dict[str, float] | None:
 
 
 def choose_default(results: dict[str, Any]) -> tuple[str, dict[str, float]]:
-    """The normalization with the best mean quality over the LoRIF runs (and the means)."""
-    means = {}
+    """The normalization with the best mean quality over the LoRIF runs (and the means).
+
+    "none" stays unless another beats it by more than the runs' mean standard error (half
+    an interval's width over 1.96): a normalization costs a second pass over the shards,
+    and a difference inside the noise is no reason to pay it.
+    """
+    means, errors = {}, []
     for norm in NORMALIZATIONS:
-        values = [
-            quality_of(r, norm)["mean"]
+        rated = [
+            quality_of(r, norm)
             for r in results["runs"].values()
             if r["spec"]["method"] == "lorif" and quality_of(r, norm)
         ]
-        if values:
-            means[norm] = sum(values) / len(values)
+        if rated:
+            means[norm] = sum(q["mean"] for q in rated) / len(rated)
+            errors += [(q["high"] - q["low"]) / (2 * 1.96) for q in rated]
     if not means:
         return "none", {}
-    return max(means, key=means.get), means
+    best = max(means, key=means.get)
+    if "none" in means and means[best] - means["none"] <= sum(errors) / len(errors):
+        best = "none"
+    return best, means
 
 
 def cost_table(results: dict[str, Any], norm: str) -> str:
