@@ -27,7 +27,6 @@ import torch
 
 from lorif_dist.config import Config
 from lorif_dist.distributed import Runtime
-from lorif_dist.factorize import densify
 from lorif_dist.integrity import open_shards
 from lorif_dist.logging_utils import Timer, logger, progress, summary
 from lorif_dist.manifest import load_manifest, require_complete, update_section
@@ -94,7 +93,7 @@ def iter_dense_blocks(
     for i, reader in enumerate(readers):
         for start in range(0, reader.num_examples, block_rows):
             stop = min(start + block_rows, reader.num_examples)
-            yield i, start, densify(*reader.read(layer, start, stop, dtype))
+            yield i, start, reader.read_dense(layer, start, stop, dtype)
         # HDF5's cached chunk index of this layer would otherwise stay until the end.
         reader.drop_caches()
 
@@ -128,6 +127,10 @@ class LayerGram:
 
 def run_curvature(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     """Computes and saves (V, s, lambda) for every tracked layer of the index."""
+    from lorif_dist.baselines import index_method, run_baseline_curvature
+
+    if index_method(load_manifest(cfg.run.index_dir)) != "lorif":
+        return run_baseline_curvature(cfg, runtime)  # logra / graddot
     timer = Timer()
     coll = runtime.collective
     index_dir = cfg.run.index_dir
@@ -213,6 +216,7 @@ def run_curvature(cfg: Config, runtime: Runtime) -> dict[str, Any]:
             index_dir,
             "curvature",
             {
+                "method": "lorif",
                 "config": {k: v for k, v in vars(cc).items()},
                 "config_hash": config_hash,
                 "layers": report,
