@@ -77,8 +77,6 @@ class Recipe:
     config: str
     quality: str  # "lds" or "tailpatch"
     runs: tuple[RunSpec, ...]
-    # (LoRIF run, LoGRA run) pairs chosen to store about the same bytes per example.
-    matched_storage: tuple[tuple[str, str], ...] = ()
     extra: tuple[str, ...] = ()
     # Query prompts added to the recipe's own (more queries, tighter intervals).
     extra_prompts: tuple[str, ...] = ()
@@ -90,7 +88,6 @@ RECIPES_SMOKE = {
         config="configs/tiny.yaml",
         quality="lds",
         runs=(RunSpec("lorif", 2, 1, 16), RunSpec("logra", 2), RunSpec("graddot", 2)),
-        matched_storage=(("lorif-f2-c1-r16", "logra-f2"),),
     )
 }
 
@@ -124,15 +121,8 @@ RECIPES = {
             RunSpec("graddot", 1),
             RunSpec("graddot", 4),
         ),
-        # Bytes per example: 11280 vs 10452, 11028 vs 10452, 5808 vs 4932, 5556 vs 4932,
-        # 2820 vs 2676.
-        matched_storage=(
-            ("lorif-f4-c4-r64", "logra-f8"),
-            ("lorif-f1-c1-r64", "logra-f8"),
-            ("lorif-f8-c4-r64", "logra-f11"),
-            ("lorif-f2-c1-r64", "logra-f11"),
-            ("lorif-f4-c1-r64", "logra-f16"),
-        ),
+        # Bytes per example of LoGRA f = 8, 11, 16: 10452, 4932, 2676; LoRIF f4-c4, f1-c1,
+        # f8-c4, f2-c1, f4-c1: 11280, 11028, 5808, 5556, 2820 (bench.report pairs them).
     ),
     # SmolLM2-135M-Instruct, the demo's 105 layers (upper 15 blocks). LoGRA at f = 8 would
     # need 45 dense 13824 x 13824 inverses (34 GB); f = 16 matches LoRIF f = 16's D, and
@@ -147,7 +137,6 @@ RECIPES = {
             RunSpec("logra", 48),
             RunSpec("graddot", 8),
         ),
-        matched_storage=(("lorif-f8-c1-r64", "logra-f48"),),
         extra_prompts=(
             "Tell me your name and who trained you.",
             "Give me three tips for sleeping better.",
@@ -189,9 +178,12 @@ def build(recipe: Recipe, spec: RunSpec, base: list[str], args) -> dict[str, Any
     work = WORK / args.recipe / spec.name
     record_path = work / "run.json"
     overrides = base + spec.overrides() + ["--run.index_dir", str(work / "index")]
+    # A run is reused only for the same resolved config: an edit of the recipe file (its
+    # damping, say) changes the config without changing the overrides.
+    config = json.loads(json.dumps(load_config(recipe.config, overrides).to_dict(), default=str))
     if record_path.is_file() and not args.fresh:
         record = json.loads(record_path.read_text())
-        if record.get("overrides") == overrides:
+        if record.get("overrides") == overrides and record.get("config") == config:
             if args.refresh_curvature:
                 # Measure the curvature stage again (it recomputes what it deletes; the
                 # scores do not change: every random draw is seeded).
@@ -204,6 +196,7 @@ def build(recipe: Recipe, spec: RunSpec, base: list[str], args) -> dict[str, Any
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     record: dict[str, Any] = {"spec": asdict(spec), "name": spec.name, "overrides": overrides}
+    record["config"] = config
     record["extract"] = _stage("extract", recipe, overrides, work / "extract.json", args.threads)
     record["curvature"] = _stage(
         "curvature", recipe, overrides, work / "curvature.json", args.threads
@@ -267,7 +260,6 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"recipe": args.recipe, "config": recipe.config, "base_overrides": base}
     results["threads"] = args.threads
-    results["matched_storage"] = recipe.matched_storage
     results["runs"] = {}
     missing = None if args.no_quality else quality.available()
     if missing:

@@ -2,14 +2,9 @@
 
     python -m bench.report        # rewrites bench/results/*.md from bench/results/*.json
 
-Targets (issue 4), each from one side-by-side run:
-
-    matched LDS      the best LoGRA run against the cheapest LoRIF run whose LDS reaches
-                     that run's lower confidence bound: storage and query-time ratios
-    matched storage  LoRIF against the LoGRA run of about the same bytes per example: LDS
-    floor            the best LoRIF LDS against the best gradient-dot-product LDS
-    tail-patch       top-k minus random-k of LoRIF on the demo model, with its interval
-    extraction       extraction over forward + activation-only backward (bench.overhead)
+Side-by-side ratios, each from one run of bench.compare (see `targets`): LoRIF against
+LoGRA at matched quality (storage and query time) and at matched storage (quality), and the
+best LoRIF against the gradient dot product floor. Extraction overhead is bench.overhead's.
 
 All ratios use the normalization chosen as default (the one with the best LoRIF quality).
 """
@@ -94,49 +89,67 @@ def normalization_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+STORAGE_SLACK = 1.15  # "matched storage": LoRIF may store up to 15% more than the LoGRA run
+
+
+def _q(record: dict[str, Any], norm: str) -> float:
+    return quality_of(record, norm)["mean"]
+
+
 def targets(results: dict[str, Any], norm: str) -> dict[str, Any]:
-    """The issue's target ratios from one run's results (None where quality is missing)."""
+    """The side-by-side ratios of one run's results, per LoGRA run.
+
+    matched quality: the cheapest LoRIF run whose mean quality reaches the LoGRA run's
+        lower confidence bound; its storage, index and query-time ratios.
+    matched storage: the best LoRIF run storing at most STORAGE_SLACK times the LoGRA
+        run's bytes per example; both qualities.
+    floor: the best LoRIF run against the best gradient dot product.
+    """
     runs = results["runs"]
-    by_method = {m: [r for r in runs.values() if r["spec"]["method"] == m] for m in METHODS}
-    rated = {m: [r for r in rs if quality_of(r, norm)] for m, rs in by_method.items()}
-    out: dict[str, Any] = {"normalization": norm}
-    if rated["logra"] and rated["lorif"]:
-        best = max(rated["logra"], key=lambda r: quality_of(r, norm)["mean"])
-        low = quality_of(best, norm)["low"]
-        matching = [r for r in rated["lorif"] if quality_of(r, norm)["mean"] >= low]
-        if matching:
-            lorif = min(matching, key=lambda r: r["storage"]["bytes_per_example"])
-            out["matched_quality"] = {
-                "logra": best["name"],
-                "lorif": lorif["name"],
-                "logra_quality": quality_of(best, norm),
-                "lorif_quality": quality_of(lorif, norm),
-                "storage_ratio": best["storage"]["bytes_per_example"]
-                / lorif["storage"]["bytes_per_example"],
-                "index_ratio": best["storage"]["index_bytes"] / lorif["storage"]["index_bytes"],
-                "scoring_time_ratio": best["query"][norm]["score_seconds"]
-                / lorif["query"][norm]["score_seconds"],
-                "query_time_ratio": _seconds(best["query"][norm]) / _seconds(lorif["query"][norm]),
-            }
-        else:
-            out["matched_quality"] = {"logra": best["name"], "lorif": None}
-    pairs = []
-    for lorif_name, logra_name in results.get("matched_storage", []):
-        a, b = runs.get(lorif_name), runs.get(logra_name)
-        if a and b:
-            pairs.append(
+    rated = {
+        m: [r for r in runs.values() if r["spec"]["method"] == m and quality_of(r, norm)]
+        for m in METHODS
+    }
+    out: dict[str, Any] = {"normalization": norm, "matched_quality": [], "matched_storage": []}
+    for logra in sorted(rated["logra"], key=lambda r: -_q(r, norm)):
+        low = quality_of(logra, norm)["low"]
+        reach = [r for r in rated["lorif"] if _q(r, norm) >= low]
+        if reach:
+            lorif = min(reach, key=lambda r: r["storage"]["bytes_per_example"])
+            a, b = lorif, logra
+            out["matched_quality"].append(
                 {
-                    "lorif": lorif_name,
-                    "logra": logra_name,
-                    "bytes": [a["storage"]["bytes_per_example"], b["storage"]["bytes_per_example"]],
-                    "lorif_quality": quality_of(a, norm),
+                    "logra": b["name"],
+                    "lorif": a["name"],
                     "logra_quality": quality_of(b, norm),
+                    "lorif_quality": quality_of(a, norm),
+                    "storage_ratio": b["storage"]["bytes_per_example"]
+                    / a["storage"]["bytes_per_example"],
+                    "index_ratio": b["storage"]["index_bytes"] / a["storage"]["index_bytes"],
+                    "scoring_time_ratio": b["query"][norm]["score_seconds"]
+                    / a["query"][norm]["score_seconds"],
+                    "query_time_ratio": _seconds(b["query"][norm]) / _seconds(a["query"][norm]),
                 }
             )
-    out["matched_storage"] = pairs
+        budget = STORAGE_SLACK * logra["storage"]["bytes_per_example"]
+        within = [r for r in rated["lorif"] if r["storage"]["bytes_per_example"] <= budget]
+        if within:
+            lorif = max(within, key=lambda r: _q(r, norm))
+            out["matched_storage"].append(
+                {
+                    "logra": logra["name"],
+                    "lorif": lorif["name"],
+                    "bytes": [
+                        lorif["storage"]["bytes_per_example"],
+                        logra["storage"]["bytes_per_example"],
+                    ],
+                    "lorif_quality": quality_of(lorif, norm),
+                    "logra_quality": quality_of(logra, norm),
+                }
+            )
     if rated["graddot"] and rated["lorif"]:
-        best_lorif = max(rated["lorif"], key=lambda r: quality_of(r, norm)["mean"])
-        best_dot = max(rated["graddot"], key=lambda r: quality_of(r, norm)["mean"])
+        best_lorif = max(rated["lorif"], key=lambda r: _q(r, norm))
+        best_dot = max(rated["graddot"], key=lambda r: _q(r, norm))
         out["floor"] = {
             "lorif": best_lorif["name"],
             "graddot": best_dot["name"],
@@ -144,6 +157,45 @@ def targets(results: dict[str, Any], norm: str) -> dict[str, Any]:
             "graddot_quality": quality_of(best_dot, norm),
         }
     return out
+
+
+def targets_text(t: dict[str, Any]) -> str:
+    """The targets as Markdown tables."""
+    iv = _fmt_interval
+    lines = [
+        "Matched quality (the cheapest LoRIF run reaching the LoGRA run's lower bound):",
+        "",
+        "| LoGRA | quality | LoRIF | quality | storage ratio | index ratio | scoring ratio "
+        "| query ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in t["matched_quality"]:
+        lines.append(
+            f"| {m['logra']} | {iv(m['logra_quality'])} | {m['lorif']} | "
+            f"{iv(m['lorif_quality'])} | {m['storage_ratio']:.1f}x | {m['index_ratio']:.1f}x | "
+            f"{m['scoring_time_ratio']:.1f}x | {m['query_time_ratio']:.1f}x |"
+        )
+    lines += [
+        "",
+        f"Matched storage (the best LoRIF run storing at most {STORAGE_SLACK:g}x the LoGRA "
+        "run's bytes per example):",
+        "",
+        "| LoGRA | bytes | quality | LoRIF | bytes | quality |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in t["matched_storage"]:
+        lines.append(
+            f"| {m['logra']} | {m['bytes'][1]:.0f} | {iv(m['logra_quality'])} | {m['lorif']} | "
+            f"{m['bytes'][0]:.0f} | {iv(m['lorif_quality'])} |"
+        )
+    if "floor" in t:
+        f = t["floor"]
+        lines += [
+            "",
+            f"Floor: best LoRIF {f['lorif']} {iv(f['lorif_quality'])} against the gradient dot "
+            f"product {f['graddot']} {iv(f['graddot_quality'])}.",
+        ]
+    return "\n".join(lines)
 
 
 METHODS = ("lorif", "logra", "graddot")
@@ -167,7 +219,7 @@ def write_report(results: dict[str, Any]) -> str:
         "",
         f"Default normalization by mean LoRIF quality: **{norm}** {json.dumps(means)}",
         "",
-        "Targets: ```" + json.dumps(targets(results, norm), indent=1) + "```",
+        targets_text(targets(results, norm)),
     ]
     text = "\n".join(parts) + "\n"
     (RESULTS / f"compare-{results['recipe']}.md").write_text(text)
