@@ -31,11 +31,16 @@ import h5py
 import torch
 
 from lorif_dist.config import Config
-from lorif_dist.curvature import _write_atomic_h5, curvature_path, iter_dense_blocks
+from lorif_dist.curvature import (
+    _write_atomic_h5,
+    curvature_path,
+    iter_dense_blocks,
+    record_curvature,
+)
 from lorif_dist.distributed import Runtime
 from lorif_dist.integrity import open_shards
 from lorif_dist.logging_utils import Timer, logger, progress, summary
-from lorif_dist.manifest import load_manifest, require_complete, update_section
+from lorif_dist.manifest import load_manifest, require_complete
 from lorif_dist.modeling import TORCH_DTYPES
 from lorif_dist.rsvd import damping_value
 from lorif_dist.storage import ShardReader
@@ -122,19 +127,7 @@ def run_baseline_curvature(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         coll.barrier()
 
     seconds = coll.max_float(timer.seconds)
-    if runtime.is_main:
-        update_section(
-            index_dir,
-            "curvature",
-            {
-                "method": method,
-                "config": dict(vars(cc)),
-                "config_hash": config_hash,
-                "layers": report,
-                "coordinates_cached": False,
-            },
-        )
-    coll.barrier()  # a query started next in this process must see the manifest entry
+    record_curvature(cfg, runtime, method, report, coordinates=False)
     summary("curvature", method=method, layers=len(layers), seconds=seconds)
     return report
 

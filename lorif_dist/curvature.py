@@ -125,6 +125,26 @@ class LayerGram:
         return packed[:-1].reshape(self.dim, -1).to(self.dtype)
 
 
+def record_curvature(
+    cfg: Config, runtime: Runtime, method: str, layers: dict[str, Any], coordinates: bool
+) -> None:
+    """The manifest's curvature entry (rank 0 writes), seen by every rank on return."""
+    cc = cfg.curvature
+    if runtime.is_main:
+        update_section(
+            cfg.run.index_dir,
+            "curvature",
+            {
+                "method": method,
+                "config": dict(vars(cc)),
+                "config_hash": cfg.section_hash("curvature"),
+                "layers": layers,
+                "coordinates_cached": coordinates,
+            },
+        )
+    runtime.collective.barrier()  # a query started next in this process must see the entry
+
+
 def run_curvature(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     """Computes and saves (V, s, lambda) for every tracked layer of the index."""
     from lorif_dist.baselines import index_method, run_baseline_curvature
@@ -211,19 +231,7 @@ def run_curvature(cfg: Config, runtime: Runtime) -> dict[str, Any]:
 
     # Record in the manifest; summary.
     seconds = coll.max_float(timer.seconds)
-    if runtime.is_main:
-        update_section(
-            index_dir,
-            "curvature",
-            {
-                "method": "lorif",
-                "config": {k: v for k, v in vars(cc).items()},
-                "config_hash": config_hash,
-                "layers": report,
-                "coordinates_cached": cc.cache_coordinates,
-            },
-        )
-    coll.barrier()  # a query started next in this process must see the manifest entry
+    record_curvature(cfg, runtime, "lorif", report, cc.cache_coordinates)
     mean_explained = float(np.mean([v["explained_variance"] for v in report.values()]))
     summary(
         "curvature",
