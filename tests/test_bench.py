@@ -64,3 +64,23 @@ def test_report_pairs_matched_quality_and_matched_storage():
     # Within 1.15x of 40 kB: lorif-mid (lorif-big stores more); of 10 kB: lorif-mid (11 kB).
     assert storage == {"logra-a": "lorif-mid", "logra-b": "lorif-mid"}
     assert t["floor"]["lorif"] == "lorif-big" and t["floor"]["graddot"] == "graddot"
+
+
+def test_curvature_memory_bench_runs_and_reads_each_shard_once(tmp_path):
+    """The curvature bench on a small synthetic index, 1 rank (mpiexec with -n 1)."""
+    import subprocess
+    import sys
+
+    from tests.reliability_helpers import REPO, cli_env
+
+    cmd = [sys.executable, str(REPO / "bench" / "curvature_memory.py"), "--out", str(tmp_path)]
+    cmd += ["--base-examples", "128", "--sizes", "2", "--ranks", "1", "--shards", "2"]
+    cmd += ["--layers", "2", "--d1", "8", "--d2", "6", "--rank", "4", "--oversample", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    rows = json.loads((tmp_path / "curvature_memory.json").read_text())["rows"]
+    assert [r["N"] for r in rows] == [128, 256]
+    assert all(r["reads_match"] for r in rows)
+    # Reads per pass double with N: each shard's factors are read once per pass.
+    assert rows[1]["pass_mib"] == pytest.approx(2 * rows[0]["pass_mib"], rel=0.05)
