@@ -1,8 +1,6 @@
 """Attribution quality for the bench: LDS and tail-patch, from `lorif_dist.evaluate`.
 
-The bench does not implement evaluation; it calls the product's. The entry points are
-looked up when first used, so the bench still runs (and leaves the quality columns empty)
-where that package is missing. What it calls:
+The bench does not implement evaluation; it calls the product's:
 
     lorif_dist.evaluate.lds.run_lds(cfg, scores, write=False)
         -> {"mean", "low", "high", ...}: Spearman between predicted and retrained utility,
@@ -16,34 +14,21 @@ once for all queries, so methods that agree on proponents share the measurements
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import numpy as np
 
 from lorif_dist.config import Config
-
-
-def available() -> str | None:
-    """None when evaluation can run, else the reason it cannot."""
-    try:
-        importlib.import_module("lorif_dist.evaluate.lds")
-        importlib.import_module("lorif_dist.evaluate.tailpatch")
-    except ImportError as e:
-        return f"lorif_dist.evaluate is not importable ({e})"
-    return None
+from lorif_dist.evaluate.lds import run_lds
+from lorif_dist.evaluate.tailpatch import TailPatcher, run_tailpatch
 
 
 def _interval(result: dict[str, Any]) -> dict[str, float]:
     return {k: float(result[k]) for k in ("mean", "low", "high")}
 
 
-def lds(cfg: Config, scores: np.ndarray) -> dict[str, float] | None:
-    """LDS of a [num_queries, num_train] score matrix, or None without the evaluate package."""
-    if available():
-        return None
-    from lorif_dist.evaluate.lds import run_lds
-
+def lds(cfg: Config, scores: np.ndarray) -> dict[str, float]:
+    """LDS of a [num_queries, num_train] score matrix."""
     result = run_lds(cfg, scores, write=False)
     if not result.get("complete", True):
         raise RuntimeError(
@@ -59,11 +44,7 @@ class TailPatch:
     def __init__(self) -> None:
         self.patcher = None
 
-    def __call__(self, cfg: Config, scores: np.ndarray) -> dict[str, Any] | None:
-        if available():
-            return None
-        from lorif_dist.evaluate.tailpatch import TailPatcher, run_tailpatch
-
+    def __call__(self, cfg: Config, scores: np.ndarray) -> dict[str, Any]:
         if self.patcher is None:
             self.patcher = TailPatcher(cfg)
         result = run_tailpatch(cfg, scores, patcher=self.patcher, write=False)
