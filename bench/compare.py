@@ -18,8 +18,8 @@ storage); graddot), in fresh processes with `--threads` torch threads each:
                 through the product's `lorif evaluate` (bench/quality.py)
 
 A run whose index and timings exist is reused (`--fresh` rebuilds). Results go to
-bench/results/compare-<recipe>.json and .md; `python -m bench.report` turns them into the
-tables, target ratios and plots.
+bench/results/compare-<recipe>.json and .md; `python -m bench.report` rewrites the tables
+and side-by-side ratios from the JSON, `python -m bench.plots` draws the plots.
 """
 
 from __future__ import annotations

@@ -62,11 +62,12 @@ def cost_table(results: dict[str, Any], norm: str) -> str:
     metric = "LDS" if results["recipe"] != "demo" else "tail-patch top-random (nats)"
     head = (
         "| run | D (all layers) | bytes/example | index MiB | extract ex/s | curvature s | "
-        f"curvature peak MiB | query s | scoring s | largest hub n/u/c | {metric} ({norm}) |"
+        "curvature peak MiB | query path | query s | scoring s | largest hub n/u/c | "
+        f"{metric} ({norm}) |"
     )
     # CPU seconds (one thread per stage) where recorded, the stage's wall seconds otherwise.
     sec = _seconds
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for name, r in results["runs"].items():
         ex, cv, st, qy = r["extract"], r["curvature"], r["storage"], r["query"]
         hubs = "/".join(str(qy[n]["largest_hub"][0]) for n in NORMALIZATIONS if n in qy)
@@ -74,7 +75,8 @@ def cost_table(results: dict[str, Any], norm: str) -> str:
             f"| {name} | {r['dims']['total_D']} | {st['bytes_per_example']:.0f} | "
             f"{st['index_bytes'] / 2**20:.1f} | {ex['num_examples'] / sec(ex):.2f} | "
             f"{sec(cv):.1f} | {cv['rss_peak_mb'] - cv['rss_start_mb']:.0f} | "
-            f"{sec(qy[norm]):.1f} | {qy[norm]['score_seconds']:.2f} | {hubs} | "
+            f"{qy[norm].get('path', '')} | {sec(qy[norm]):.1f} | "
+            f"{qy[norm]['score_seconds']:.2f} | {hubs} | "
             f"{_fmt_interval(quality_of(r, norm))} |"
         )
     return "\n".join(lines)
