@@ -12,9 +12,10 @@ All ratios use the normalization chosen as default (the one with the best LoRIF 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS
+from bench.common import RESULTS, ROOT
 
 NORMALIZATIONS = ("none", "unit", "cosine")
 
@@ -208,10 +209,19 @@ def _seconds(record: dict[str, Any]) -> float:
     return record.get("cpu_seconds", record["seconds"])
 
 
+def _relative(path: str) -> str:
+    """A path under the repository as written from its root (results name no home folder)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return path
+
+
 def write_report(results: dict[str, Any]) -> str:
     norm, means = choose_default(results)
     parts = [
-        f"## {results['recipe']} ({results['config']}, {results['threads']} thread(s) per stage)",
+        f"## {results['recipe']} ({_relative(results['config'])}, {results['threads']} "
+        "thread(s) per stage)",
         "",
         cost_table(results, norm),
         "",
