@@ -54,7 +54,12 @@ def write_index(index_dir: Path, args: argparse.Namespace, num_examples: int) ->
     names = [f"layers.{i}.proj" for i in range(args.layers)]
     c = args.factor_rank
     layers = [{"name": n, "d1": args.d1, "d2": args.d2, "c": c} for n in names]
-    identity = {"layers": layers, "projection": {"seed": 0}}
+    # What curvature reads of an index's identity: its layers, projection seed and method.
+    identity = {
+        "layers": layers,
+        "projection": {"seed": 0},
+        "config": {"extract": {"method": "lorif"}},
+    }
     layout = {"num_tasks": args.shards, "world_size": 1}
     open_or_create(index_dir, identity, layout, {"num_examples": num_examples}, "bench")
     ids = np.arange(num_examples)
@@ -80,7 +85,8 @@ def write_index(index_dir: Path, args: argparse.Namespace, num_examples: int) ->
             )
             writer.write_part(block, start, start + n)
         num_stored, sha = writer.finalize()
-        record_shard(index_dir, shard_name(task, 0), {"num_examples": num_stored, "sha256": sha})
+        entry = {"num_examples": num_stored, "bytes": writer.path.stat().st_size, "sha256": sha}
+        record_shard(index_dir, shard_name(task, 0), entry)
 
 
 def _unit_columns(mat: np.ndarray) -> np.ndarray:

@@ -7,7 +7,8 @@
 # small runs no faster on two threads, and far slower when the cores are shared.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+# The environment launch/setup.sh made, unless PYTHON names another interpreter.
+if [ -x .venv/bin/python ]; then PY=${PYTHON:-.venv/bin/python}; else PY=${PYTHON:-python}; fi
 WORKERS=${LDS_WORKERS:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 start=$(date +%s)

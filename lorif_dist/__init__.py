@@ -28,6 +28,12 @@ Glossary (one word for one thing, everywhere in this package):
     shard            one HDF5 file written by one (array task, rank)
     index            the directory holding the manifest, shards and curvature
     score            I(q, t) for one query and one training example
+    method           extract.method: "lorif" (the above), or the baselines on the same
+                     capture and projection, "logra" (dense gradients, exact D x D damped
+                     inverse) and "graddot" (dense gradients, no curvature)
+    normalization    query.normalize: none, unit (unit-norm training gradients) or cosine
+                     (I(q, t) / sqrt(I(q, q) I(t, t)))
+    hub              a training example in the top-k of many unrelated queries
     rank, world_size torch.distributed's process rank and process count
 """
 

@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
+METHODS = ("lorif", "logra", "graddot")
+NORMALIZATIONS = ("none", "unit", "cosine")
 
 
 class ConfigError(ValueError):
@@ -67,6 +69,10 @@ class DataConfig:
 class ExtractConfig:
     """Per-example projected gradients and their rank-c factors."""
 
+    # "lorif": rank-c factors, low-rank curvature (Woodbury). Baselines on the same capture
+    # and projection: "logra" stores dense projected gradients and inverts the exact damped
+    # G^T G (D x D per layer); "graddot" stores them densely and uses no curvature (H = I).
+    method: str = "lorif"
     # Regex searched in module names; only nn.Linear / Conv1D modules are considered.
     layers: str = r"(attn|attention|mlp)\.[^.]+$"
     # Regex of module names to leave out even if `layers` matches (None: none).
@@ -127,6 +133,10 @@ class QueryConfig:
     # "auto": factored when coordinates are cached and it is cheaper.
     path: str = "dense"
     factor_rank: int | None = None
+    # Score normalization: "none" (g_q^T H^-1 g_t); "unit": training gradients scaled to unit
+    # norm (over all tracked layers); "cosine": the cosine in the metric H^-1, i.e.
+    # I(q, t) / sqrt(I(q, q) I(t, t)).
+    normalize: str = "none"
     # Also write the full (num_queries x num_train) score matrix.
     save_scores: bool = False
     batch_examples: int = 512
@@ -257,6 +267,7 @@ def _check(cfg: Config) -> list[str]:
     _at_least(p, "data.max_length", d.max_length, 2)
     if d.limit is not None:
         _at_least(p, "data.limit", d.limit, 1)
+    _choice(p, "extract.method", e.method, METHODS)
     _at_least(p, "extract.projection_factor", e.projection_factor, 1)
     _at_least(p, "extract.factor_rank", e.factor_rank, 1)
     _choice(p, "extract.factor_method", e.factor_method, ("auto", "svd", "power"))
@@ -279,6 +290,13 @@ def _check(cfg: Config) -> list[str]:
     _at_least(p, "query.top_k", q.top_k, 1)
     _at_least(p, "query.max_new_tokens", q.max_new_tokens, 1)
     _choice(p, "query.path", q.path, ("auto", "dense", "factored"))
+    if e.method != "lorif" and q.path == "factored":
+        p.append(
+            f"query.path: 'factored' needs extract.method 'lorif' (the factored path scores "
+            f"from rank-c factors); extract.method={e.method!r} stores dense gradients, so use "
+            "query.path 'dense' or 'auto'"
+        )
+    _choice(p, "query.normalize", q.normalize, NORMALIZATIONS)
     if q.factor_rank is not None:
         _at_least(p, "query.factor_rank", q.factor_rank, 1)
     _at_least(p, "query.batch_examples", q.batch_examples, 1)

@@ -27,7 +27,6 @@ import torch
 
 from lorif_dist.config import Config
 from lorif_dist.distributed import Runtime
-from lorif_dist.factorize import densify
 from lorif_dist.integrity import open_shards
 from lorif_dist.logging_utils import Timer, logger, progress, summary
 from lorif_dist.manifest import load_manifest, require_complete, update_section
@@ -94,7 +93,7 @@ def iter_dense_blocks(
     for i, reader in enumerate(readers):
         for start in range(0, reader.num_examples, block_rows):
             stop = min(start + block_rows, reader.num_examples)
-            yield i, start, densify(*reader.read(layer, start, stop, dtype))
+            yield i, start, reader.read_dense(layer, start, stop, dtype)
         # HDF5's cached chunk index of this layer would otherwise stay until the end.
         reader.drop_caches()
 
@@ -126,8 +125,32 @@ class LayerGram:
         return packed[:-1].reshape(self.dim, -1).to(self.dtype)
 
 
+def record_curvature(
+    cfg: Config, runtime: Runtime, method: str, layers: dict[str, Any], coordinates: bool
+) -> None:
+    """The manifest's curvature entry (rank 0 writes), seen by every rank on return."""
+    cc = cfg.curvature
+    if runtime.is_main:
+        update_section(
+            cfg.run.index_dir,
+            "curvature",
+            {
+                "method": method,
+                "config": dict(vars(cc)),
+                "config_hash": cfg.section_hash("curvature"),
+                "layers": layers,
+                "coordinates_cached": coordinates,
+            },
+        )
+    runtime.collective.barrier()  # a query started next in this process must see the entry
+
+
 def run_curvature(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     """Computes and saves (V, s, lambda) for every tracked layer of the index."""
+    from lorif_dist.baselines import index_method, run_baseline_curvature
+
+    if index_method(load_manifest(cfg.run.index_dir)) != "lorif":
+        return run_baseline_curvature(cfg, runtime)  # logra / graddot
     timer = Timer()
     coll = runtime.collective
     index_dir = cfg.run.index_dir
@@ -208,18 +231,7 @@ def run_curvature(cfg: Config, runtime: Runtime) -> dict[str, Any]:
 
     # Record in the manifest; summary.
     seconds = coll.max_float(timer.seconds)
-    if runtime.is_main:
-        update_section(
-            index_dir,
-            "curvature",
-            {
-                "config": {k: v for k, v in vars(cc).items()},
-                "config_hash": config_hash,
-                "layers": report,
-                "coordinates_cached": cc.cache_coordinates,
-            },
-        )
-    coll.barrier()  # a query started next in this process must see the manifest entry
+    record_curvature(cfg, runtime, "lorif", report, cc.cache_coordinates)
     mean_explained = float(np.mean([v["explained_variance"] for v in report.values()]))
     summary(
         "curvature",

@@ -49,6 +49,7 @@ from lorif_dist.storage import (
     ShardCorruptError,
     ShardWriter,
     concat_blocks,
+    dense_to_storage,
     file_sha256,
     shard_name,
     shard_path,
@@ -84,11 +85,13 @@ class GradientExtractor:
                 self.specs, cfg.extract.projection_factor, cfg.extract.seed, self.acc_dtype
             ).items()
         }
+        # The dense baselines (logra, graddot) store whole projected gradients: no factors.
+        self.dense_storage = cfg.extract.method != "lorif"
         self.factor_ranks = {
             name: min(p.d1, p.d2) if cfg.extract.exact_factors else cfg.extract.factor_rank
             for name, p in self.projections.items()
         }
-        for proj in self.projections.values():
+        for proj in [] if self.dense_storage else self.projections.values():
             if self.factor_ranks[proj.spec.name] > min(proj.d1, proj.d2):
                 raise ValueError(
                     f"extract.factor_rank={cfg.extract.factor_rank} exceeds min(d1, d2) = "
@@ -143,8 +146,12 @@ class GradientExtractor:
         losses, grads, finite = self.batch_gradients(batch)
         keep = finite.nonzero(as_tuple=True)[0]
         kept_ids = [batch[i].example_id for i in keep.tolist()]
-        left, right, scale = {}, {}, {}
+        left, right, scale, dense = {}, {}, {}, {}
         for name, grad in grads.items():
+            if self.dense_storage:
+                rows = grad[keep].reshape(len(kept_ids), -1)  # [n, d1 * d2], row-major
+                dense[name], scale[name] = dense_to_storage(rows, ex.storage_dtype)
+                continue
             rank = self.factor_ranks[name]
             start = start_block(
                 grad.shape[2], rank, layer_seed(ex.seed, name, "factor"), grad.dtype
@@ -161,6 +168,7 @@ class GradientExtractor:
             skipped_ids=[
                 b.example_id for b, ok in zip(batch, finite.tolist(), strict=False) if not ok
             ],
+            dense=dense,
         )
 
     def layer_table(self) -> list[dict[str, Any]]:
@@ -169,7 +177,7 @@ class GradientExtractor:
                 **spec.to_dict(),
                 "d1": self.projections[spec.name].d1,
                 "d2": self.projections[spec.name].d2,
-                "c": self.factor_ranks[spec.name],
+                "c": None if self.dense_storage else self.factor_ranks[spec.name],
             }
             for spec in self.specs
         ]
@@ -249,8 +257,9 @@ def run_extract(
         update_section(cfg.run.index_dir, "config", cfg.to_dict())
         record_extract_run(cfg)
         logger.info(
-            "extract: %d examples (%d skipped, %d truncated at %d tokens), %d layers, f=%d, c=%d, "
-            "%d task(s) x %d rank(s), index %s",
+            "extract: %s, %d examples (%d skipped, %d truncated at %d tokens), %d layers, f=%d, "
+            "c=%d, %d task(s) x %d rank(s), index %s",
+            cfg.extract.method,
             len(examples),
             len(report.skipped),
             report.num_truncated,
@@ -271,6 +280,7 @@ def run_extract(
         cfg.section_hash("model", "data", "extract"),
         {n: (p.d1, p.d2, extractor.factor_ranks[n]) for n, p in extractor.projections.items()},
         cfg.extract.storage_dtype,
+        layout="dense" if extractor.dense_storage else "factors",
     )
     # One process per (task, rank): a second one fails here instead of interleaving parts.
     with shard_lock(writer.path):

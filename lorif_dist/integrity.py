@@ -117,7 +117,10 @@ def check_layers(reader: ShardReader, layers: list[dict[str, Any]], hint: str) -
     n = reader.num_examples
     for spec in layers:
         name, d1, d2, c = spec["name"], spec["d1"], spec["d2"], spec["c"]
-        expected = {"left": (n, d1, c), "right": (n, d2, c), "scale": (n, c)}
+        if reader.layout == "dense":  # logra / graddot: one row of d1 * d2 per example
+            expected = {"dense": (n, d1 * d2), "scale": (n, 1)}
+        else:
+            expected = {"left": (n, d1, c), "right": (n, d2, c), "scale": (n, c)}
         for key, shape in expected.items():
             found = reader.read_checked(
                 lambda k=key, n_=name: reader.h5["layers"][n_][k].shape, key

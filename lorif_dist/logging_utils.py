@@ -26,6 +26,19 @@ def process_rank() -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at emit time, not the one at setup: a process that
+    redirects stderr later (a notebook, a test harness) keeps getting the log lines."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 class _RankFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.rank = _RANK
@@ -36,7 +49,7 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> logging
     global _RANK
     _RANK = process_rank() if rank is None else rank
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(
             logging.Formatter("[lorif %(asctime)s r%(rank)s] %(message)s", "%H:%M:%S")
         )

@@ -3,7 +3,10 @@
     h_q = (G^T G + lambda I)^-1 g_q        per layer, split Woodbury form (rsvd.py)
     I(q, t) = sum over layers <h_q, L_t diag(s_t) R_t^T>
 
-Two scoring paths give the same scores when queries are factored exactly:
+Indexes of the baselines (extract.method logra / graddot, baselines.py) take the dense path
+with h_q = H^-1 g_q from the exact dense inverse, or h_q = g_q. Scores are then divided as
+query.normalize says (normalize.py). Two scoring paths give the same scores when queries
+are factored exactly:
 
     dense     h_q is dense (D per layer); each block of train factors is densified and
               dotted with it: c D + D flops per (query, example) pair.
@@ -40,6 +43,7 @@ import h5py
 import numpy as np
 import torch
 
+from lorif_dist.baselines import index_method, precondition_dense
 from lorif_dist.config import Config
 from lorif_dist.curvature import coords_path, load_curvature
 from lorif_dist.data import (
@@ -56,6 +60,7 @@ from lorif_dist.integrity import open_shard, open_shards
 from lorif_dist.logging_utils import Timer, logger, progress, summary
 from lorif_dist.manifest import check_identity, load_manifest, require_complete
 from lorif_dist.modeling import TORCH_DTYPES
+from lorif_dist.normalize import largest_hub, normalize_scores, train_statistic
 from lorif_dist.projection import layer_seed
 from lorif_dist.rsvd import woodbury_precondition
 from lorif_dist.safe_io import create_h5
@@ -70,6 +75,8 @@ class PreparedQueries:
     dense: dict[str, torch.Tensor]  # layer -> h [Q, D]          (dense path)
     factors: dict[str, tuple]  # layer -> (L, s, R, C_q, w, lambda)  (factored path)
     path: str
+    # I(q, q) = sum over layers g_q^T H^-1 g_q of the query gradient each path scores with.
+    self_influence: torch.Tensor | None = None  # [Q] float64
 
 
 # ---------------------------------------------------------------------------------------
@@ -161,6 +168,13 @@ def query_gradients(
 
 def choose_path(cfg: Config, manifest: dict[str, Any]) -> str:
     path = cfg.query.path
+    if index_method(manifest) != "lorif":
+        if path == "factored":
+            raise ValueError(
+                f"query.path=factored needs a lorif index; this one was built with "
+                f"extract.method={index_method(manifest)!r}: use query.path dense or auto"
+            )
+        return "dense"
     cached = bool(manifest.get("curvature", {}).get("coordinates_cached"))
     if path == "factored" and not cached:
         raise ValueError(
@@ -181,24 +195,36 @@ def choose_path(cfg: Config, manifest: dict[str, Any]) -> str:
 
 
 def precondition(
-    cfg: Config, grads: dict[str, torch.Tensor], path: str, dtype: torch.dtype
+    cfg: Config,
+    grads: dict[str, torch.Tensor],
+    path: str,
+    dtype: torch.dtype,
+    method: str = "lorif",
 ) -> PreparedQueries:
     """h_q per layer (dense path) or the factored query pieces (factored path)."""
     dense, factors = {}, {}
     num_queries = next(iter(grads.values())).shape[0]
+    self_influence = torch.zeros(num_queries, dtype=torch.float64)
     ex = cfg.extract
     for name, grad in grads.items():
+        flat = grad.reshape(num_queries, -1).to(dtype)  # g_q [Q, D]
+        if method != "lorif":
+            dense[name] = precondition_dense(method, cfg.run.index_dir, name, flat, dtype)
+            self_influence += (flat * dense[name]).sum(dim=1).double()
+            continue
         default_rank = min(grad.shape[1], grad.shape[2]) if ex.exact_factors else ex.factor_rank
         rank_q = cfg.query.factor_rank or default_rank
         vectors, singular, lam = load_curvature(cfg.run.index_dir, name, dtype)
         if path == "dense":
-            dense[name] = woodbury_precondition(
-                grad.reshape(num_queries, -1).to(dtype), vectors, singular, lam
-            )
+            dense[name] = woodbury_precondition(flat, vectors, singular, lam)
+            self_influence += (flat * dense[name]).sum(dim=1).double()
             continue
         start = start_block(grad.shape[2], rank_q, layer_seed(ex.seed, name, "factor"), grad.dtype)
         left, scale, right = factorize(grad, rank_q, ex.factor_method, ex.power_iters, start)
-        coords = densify(left, scale, right).to(dtype) @ vectors  # C_q [Q, r]
+        factored = densify(left, scale, right).to(dtype)  # the rank-c_q query gradient
+        coords = factored @ vectors  # C_q [Q, r]
+        h_factored = woodbury_precondition(factored, vectors, singular, lam)
+        self_influence += (factored * h_factored).sum(dim=1).double()
         weights = 1.0 / (lam + singular.double() ** 2)
         factors[name] = (
             left.double(),
@@ -208,7 +234,7 @@ def precondition(
             weights,
             lam,
         )
-    return PreparedQueries(num_queries, dense, factors, path)
+    return PreparedQueries(num_queries, dense, factors, path, self_influence)
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,7 +257,7 @@ def score_shard(
             stop = min(start + block_rows, n)
             for name in prepared.dense or prepared.factors:
                 if prepared.path == "dense":
-                    block = densify(*reader.read(name, start, stop, dtype))  # [n_b, D]
+                    block = reader.read_dense(name, start, stop, dtype)  # [n_b, D]
                     scores[:, start:stop] += (prepared.dense[name] @ block.T).double()
                     continue
                 lq, sq, rq, cq, weights, lam = prepared.factors[name]
@@ -269,10 +295,12 @@ def run_query(
             f"the index at {index_dir} has no curvature; run `lorif curvature` first"
         )
     path = choose_path(cfg, manifest)
+    method = index_method(manifest)
     out_dir = output_dir(cfg)
 
     # Query side on rank 0 (every rank when the model is sharded), then broadcast.
     prepared, queries = None, None
+    gradient_seconds = 0.0  # model, queries and their gradients, apart from scoring
     if runtime.is_main or cfg.run.parallel != "none":
         extractor = extractor or GradientExtractor(cfg, runtime)
         found = {k: v for k, v in manifest["identity"].items() if k != "dataset_fingerprint"}
@@ -280,13 +308,16 @@ def run_query(
         check_identity(index_dir, found, expected, "model, projection or config than this query")
         queries = load_queries(cfg, extractor)
         grads = query_gradients(extractor, queries)
-        prepared = precondition(cfg, grads, path, dtype)
+        gradient_seconds = timer.seconds
+        prepared = precondition(cfg, grads, path, dtype, method)
     # Sharded runs computed it on every rank; rank 0's copy is the one all ranks score with.
     prepared = coll.broadcast_object(prepared, src=0)
     logger.info(
-        "query: %d queries, %s path, %d shards over %d rank(s)",
+        "query: %s, %d queries, %s path, normalize %s, %d shards over %d rank(s)",
+        method,
         prepared.num_queries,
         path,
+        cfg.query.normalize,
         len(shards),
         runtime.world_size,
     )
@@ -304,6 +335,21 @@ def run_query(
         with open_shard(index_dir, manifest, name, verify_checksum=False) as reader:
             coords = coords_path(index_dir, name) if path == "factored" else None
             scores = score_shard(prepared, reader, coords, cfg.query.batch_examples, dtype).numpy()
+            if cfg.query.normalize != "none":
+                layers = list(prepared.dense or prepared.factors)
+                cached = coords_path(index_dir, name) if method == "lorif" else None
+                train_stat = train_statistic(
+                    cfg.query.normalize,
+                    method,
+                    reader,
+                    layers,
+                    index_dir,
+                    cached if cached is not None and cached.is_file() else None,
+                    cfg.query.batch_examples,
+                    dtype,
+                )
+                query_self = prepared.self_influence.numpy()
+                scores = normalize_scores(scores, cfg.query.normalize, query_self, train_stat)
             ids = reader.example_ids
         num_scored += len(ids)
         if cfg.query.save_scores:
@@ -315,7 +361,9 @@ def run_query(
     # Merge: gather every rank's top-k on rank 0.
     gathered = coll.gather_object((local_ids, local_scores), dst=0)
     seconds = coll.max_float(timer.seconds)
-    result: dict[str, Any] = {"path": path, "seconds": seconds}
+    # Preconditioning, scoring and merging, apart from the query gradients.
+    score_seconds = coll.max_float(timer.seconds - gradient_seconds)
+    result: dict[str, Any] = {"path": path, "seconds": seconds, "score_seconds": score_seconds}
     if runtime.is_main:
         top_ids, top_scores = _topk_rows(
             np.concatenate([g[0] for g in gathered], axis=1),
@@ -324,12 +372,15 @@ def run_query(
         )
         result["topk"] = _write_results(cfg, manifest, out_dir, queries, top_ids, top_scores)
         result["output_dir"] = str(out_dir)
+        result["largest_hub"] = largest_hub(top_ids)
     total_scored = int(coll.all_reduce_sum(torch.tensor([num_scored], dtype=torch.float64)).item())
     summary(
         "query",
         queries=prepared.num_queries,
         train_examples=total_scored,
         path=path,
+        normalize=cfg.query.normalize,
+        largest_hub=result.get("largest_hub", (0, -1))[0],
         seconds=seconds,
         output=str(out_dir),
     )

@@ -10,11 +10,20 @@ A finished shard, `shards/task-TTTT/rank-RRRRR.h5`, holds:
     /layers/<name>/scale       (n, c)      float32 (float64 when stored in float64)
     /skipped_example_id        (k,)        int64    examples dropped for a non-finite loss or
                                                     gradient
-    attrs: complete, num_examples_done, config_hash, storage_dtype
+    attrs: complete, num_examples_done, config_hash, storage_dtype, layout ("factors")
 
-A projected gradient is left @ diag(scale) @ right^T. HDF5 has no bfloat16; unit-norm
-columns lie in [-1, 1], where float16 neither overflows nor loses its 11-bit precision to
-underflow for widths up to ~10^6, and the norm lives in the float32 scale.
+A projected gradient is left @ diag(scale) @ right^T. Shards of the dense baselines
+(extract.method logra or graddot; attrs layout = "dense") hold instead, per layer:
+
+    /layers/<name>/dense       (n, d1*d2)  storage dtype, unit-norm rows (row-major vec of
+                                           the d1 x d2 projected gradient)
+    /layers/<name>/scale       (n, 1)      float32 (float64 when stored in float64), row norms
+
+and a projected gradient is dense * scale. Either layout is read densely by `read_dense`.
+
+HDF5 has no bfloat16; unit-norm columns (rows) lie in [-1, 1], where float16 neither
+overflows nor loses its 11-bit precision to underflow for widths up to ~10^6, and the norm
+lives in the float32 scale.
 
 Every dataset with rows is chunked with HDF5's Fletcher-32 checksum filter, so any read
 of a corrupted chunk fails (h5py raises OSError) instead of returning wrong factors; the
@@ -43,6 +52,7 @@ import h5py
 import numpy as np
 import torch
 
+from lorif_dist.factorize import densify
 from lorif_dist.safe_io import create_h5
 
 NP_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
@@ -89,8 +99,9 @@ class FactorBlock:
     num_tokens: np.ndarray  # (n,) int32
     left: dict[str, np.ndarray]  # layer -> (n, d1, c)
     right: dict[str, np.ndarray]  # layer -> (n, d2, c)
-    scale: dict[str, np.ndarray]  # layer -> (n, c)
+    scale: dict[str, np.ndarray]  # layer -> (n, c); (n, 1) row norms for dense storage
     skipped_ids: list[int] = field(default_factory=list)
+    dense: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> (n, D) unit rows
 
     @property
     def num_examples(self) -> int:
@@ -99,6 +110,7 @@ class FactorBlock:
 
 def concat_blocks(blocks: Sequence[FactorBlock]) -> FactorBlock:
     layers = blocks[0].left.keys()
+    dense_layers = blocks[0].dense.keys()
     cat = np.concatenate
     return FactorBlock(
         example_ids=cat([b.example_ids for b in blocks]),
@@ -106,8 +118,9 @@ def concat_blocks(blocks: Sequence[FactorBlock]) -> FactorBlock:
         num_tokens=cat([b.num_tokens for b in blocks]),
         left={k: cat([b.left[k] for b in blocks]) for k in layers},
         right={k: cat([b.right[k] for b in blocks]) for k in layers},
-        scale={k: cat([b.scale[k] for b in blocks]) for k in layers},
+        scale={k: cat([b.scale[k] for b in blocks]) for k in blocks[0].scale},
         skipped_ids=[i for b in blocks for i in b.skipped_ids],
+        dense={k: cat([b.dense[k] for b in blocks]) for k in dense_layers},
     )
 
 
@@ -134,6 +147,27 @@ def _checked_dataset(group: h5py.Group, key: str, arr: np.ndarray, rows: int) ->
     group.create_dataset(key, data=arr, chunks=chunks, fletcher32=True)
 
 
+def dense_to_storage(rows: torch.Tensor, storage_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """[n, D] dense projected gradients -> unit-norm rows in the storage dtype, [n, 1] norms.
+
+    As for factors, float16 holds only values in [-1, 1] and the magnitude lives in a float32
+    scale, so gradients far from 1 in norm neither overflow nor underflow.
+    """
+    norms = rows.norm(dim=1, keepdim=True)  # [n, 1]
+    unit = rows / torch.where(norms > 0, norms, torch.ones_like(norms))  # zero rows stay zero
+    scale_dtype = np.float64 if storage_dtype == "float64" else np.float32
+    return (
+        unit.detach().cpu().numpy().astype(NP_DTYPES[storage_dtype]),
+        norms.detach().cpu().numpy().astype(scale_dtype),
+    )
+
+
+def _layer_arrays(block: FactorBlock, name: str) -> list[tuple[str, np.ndarray]]:
+    if name in block.dense:
+        return [("dense", block.dense[name]), ("scale", block.scale[name])]
+    return [("left", block.left[name]), ("right", block.right[name]), ("scale", block.scale[name])]
+
+
 def _write_block(h5: h5py.File, block: FactorBlock, chunk_rows: int) -> None:
     n = block.num_examples
     rows = max(1, min(n, chunk_rows))
@@ -143,26 +177,25 @@ def _write_block(h5: h5py.File, block: FactorBlock, chunk_rows: int) -> None:
     _checked_dataset(h5, "num_tokens", block.num_tokens.astype(np.int32), max(n, 1))
     _checked_dataset(h5, "skipped_example_id", skipped, max(len(skipped), 1))
     group = h5.create_group("layers")
-    for name in block.left:
+    for name in block.scale:
         g = group.create_group(name)
-        for key, arr in (
-            ("left", block.left[name]),
-            ("right", block.right[name]),
-            ("scale", block.scale[name]),
-        ):
+        for key, arr in _layer_arrays(block, name):
             _checked_dataset(g, key, arr, rows)
 
 
 def _read_block(h5: h5py.File) -> FactorBlock:
     layers = h5["layers"]
+    factored = [k for k in layers if "left" in layers[k]]
+    dense = [k for k in layers if "dense" in layers[k]]
     return FactorBlock(
         example_ids=h5["example_id"][...],
         losses=h5["loss"][...],
         num_tokens=h5["num_tokens"][...],
-        left={k: layers[k]["left"][...] for k in layers},
-        right={k: layers[k]["right"][...] for k in layers},
+        left={k: layers[k]["left"][...] for k in factored},
+        right={k: layers[k]["right"][...] for k in factored},
         scale={k: layers[k]["scale"][...] for k in layers},
         skipped_ids=h5["skipped_example_id"][...].tolist(),
+        dense={k: layers[k]["dense"][...] for k in dense},
     )
 
 
@@ -174,6 +207,7 @@ class ShardWriter:
         config_hash: identity of the extraction config; parts of another config are refused.
         layer_dims: tracked layer name -> (d1, d2, c), in the order they are stored.
         storage_dtype: "float16", "float32" or "float64".
+        layout: "factors" (rank-c factors) or "dense" (the dense baselines; c is ignored).
     """
 
     def __init__(
@@ -182,12 +216,14 @@ class ShardWriter:
         config_hash: str,
         layer_dims: dict[str, tuple[int, int, int]],
         storage_dtype: str,
+        layout: str = "factors",
     ) -> None:
         self.path = Path(path)
         self.parts_dir = self.path.with_suffix(".parts")
         self.config_hash = config_hash
         self.layer_dims = dict(layer_dims)
         self.storage_dtype = storage_dtype
+        self.layout = layout
 
     @property
     def complete(self) -> bool:
@@ -245,6 +281,7 @@ class ShardWriter:
                 num_examples_done=block.num_examples,
                 config_hash=self.config_hash,
                 storage_dtype=self.storage_dtype,
+                layout=self.layout,
             )
         _publish(tmp, self.path)
         if self.parts_dir.is_dir():
@@ -256,6 +293,18 @@ class ShardWriter:
         np_dtype = NP_DTYPES[self.storage_dtype]
         scale_dtype = np.float64 if self.storage_dtype == "float64" else np.float32
         dims = self.layer_dims
+        if self.layout == "dense":
+            return FactorBlock(
+                example_ids=np.zeros(0, np.int64),
+                losses=np.zeros(0, np.float32),
+                num_tokens=np.zeros(0, np.int32),
+                left={},
+                right={},
+                scale={name: np.zeros((0, 1), scale_dtype) for name in dims},
+                dense={
+                    name: np.zeros((0, d1 * d2), np_dtype) for name, (d1, d2, _) in dims.items()
+                },
+            )
         return FactorBlock(
             example_ids=np.zeros(0, np.int64),
             losses=np.zeros(0, np.float32),
@@ -293,6 +342,7 @@ class ShardReader:
         # Factor bytes returned by `read` (stored dtypes), so a job can report and check what
         # it read: a curvature pass reads each owned shard's factors exactly once.
         self.bytes_read = 0
+        self.layout = str(self.h5.attrs.get("layout", "factors"))
 
     def read_checked(self, read: Any, what: str) -> Any:
         """Runs a read; a failed checksum or a damaged structure names the file and the fix."""
@@ -330,6 +380,11 @@ class ShardReader:
         self, layer: str, start: int, stop: int, dtype: torch.dtype = torch.float32
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(left [n, d1, c], scale [n, c], right [n, d2, c]) for rows [start, stop)."""
+        if self.layout != "factors":
+            raise ValueError(
+                f"shard {self.path} stores dense gradients (layout {self.layout!r}), not "
+                "factors; read it with read_dense"
+            )
 
         def read():
             g = self.h5["layers"][layer]
@@ -340,6 +395,22 @@ class ShardReader:
         left, scale, right = (torch.from_numpy(np.ascontiguousarray(a)).to(dtype) for a in arrays)
         return left, scale, right
 
+    def read_dense(
+        self, layer: str, start: int, stop: int, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Projected gradients of rows [start, stop) as [n, D] rows, whatever the layout."""
+        if self.layout == "factors":
+            return densify(*self.read(layer, start, stop, dtype))
+
+        def read():
+            g = self.h5["layers"][layer]
+            return g["dense"][start:stop], g["scale"][start:stop]
+
+        arrays = self.read_checked(read, f"layer {layer} rows {start}:{stop}")
+        self.bytes_read += sum(a.nbytes for a in arrays)
+        rows, scale = (torch.from_numpy(np.ascontiguousarray(a)).to(dtype) for a in arrays)
+        return rows * scale  # [n, D] * [n, 1]
+
     def nbytes(self, layer: str) -> int:
         g = self.h5["layers"][layer]
-        return sum(g[k].id.get_storage_size() for k in ("left", "right", "scale"))
+        return sum(g[k].id.get_storage_size() for k in g)

@@ -51,12 +51,17 @@ def projected_gradients(
 
 
 def brute_force_scores(
-    train: dict[str, torch.Tensor], queries: dict[str, torch.Tensor], damping: float
+    train: dict[str, torch.Tensor],
+    queries: dict[str, torch.Tensor],
+    damping: float | dict[str, float],
 ):
-    """sum over layers of g_q^T (G^T G + lambda I)^-1 g_t, dense, [num_queries, num_train]."""
+    """sum over layers of g_q^T (G^T G + lambda I)^-1 g_t, dense, [num_queries, num_train].
+
+    `damping` is one lambda for every layer, or a lambda per layer name."""
     total = None
     for name, g_train in train.items():
-        gram = g_train.T @ g_train + damping * torch.eye(g_train.shape[1], dtype=torch.float64)
+        lam = damping[name] if isinstance(damping, dict) else damping
+        gram = g_train.T @ g_train + lam * torch.eye(g_train.shape[1], dtype=torch.float64)
         h = torch.linalg.solve(gram, queries[name].T).T  # [Q, D]
         scores = h @ g_train.T
         total = scores if total is None else total + scores

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of LoRIF against its baselines (run as `python -m bench.<name>`)."""
