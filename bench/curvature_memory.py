@@ -251,8 +251,8 @@ def tabulate(rows: list[dict], args: argparse.Namespace) -> str:
     base = rows[0]
     head = (
         "| N | ranks | examples/rank | peak RSS rise/rank (MiB) | x vs N | tracemalloc peak (MiB) "
-        "| read/rank per pass, all layers (MiB) | x vs N | reads = one per owned shard | dense G, 1 layer (MiB) "
-        "| seconds |"
+        "| read/rank per pass, all layers (MiB) | x vs N | reads = one per owned shard "
+        "| dense G, 1 layer (MiB) | seconds |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
