@@ -18,6 +18,7 @@ from typing import Any
 
 import h5py
 
+from lorif_dist.baselines import index_method
 from lorif_dist.curvature import coords_path, curvature_path
 from lorif_dist.integrity import (
     CONFIG_FILE,
@@ -76,15 +77,20 @@ def _shard_state(index_dir: Path, manifest: dict[str, Any], name: str, verify: b
 def _curvature_summary(index_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     layers = [spec["name"] for spec in manifest["identity"]["layers"]]
     recorded = manifest.get("curvature", {})
+    method = index_method(manifest)
     explained, lambdas, nbytes, done = {}, [], 0, 0
     for name in layers:
+        if method == "graddot":  # no curvature files: the manifest entry is the whole stage
+            done += bool(recorded)
+            continue
         path = curvature_path(index_dir, name)
         if not path.is_file():
             continue
         with h5py.File(path, "r") as h5:
             if recorded and h5.attrs.get("config_hash") != recorded.get("config_hash"):
                 continue  # left over from another curvature config
-            explained[name] = float(h5.attrs["explained_variance"])
+            if "explained_variance" in h5.attrs:  # lorif; logra stores the exact inverse
+                explained[name] = float(h5.attrs["explained_variance"])
             lambdas.append(float(h5.attrs["lambda"]))
         nbytes += path.stat().st_size
         done += 1
@@ -92,6 +98,7 @@ def _curvature_summary(index_dir: Path, manifest: dict[str, Any]) -> dict[str, A
     coords_bytes = sum(p.stat().st_size for p in coords if p.is_file())
     values = sorted(explained.values())
     return {
+        "method": method,
         "layers_done": done,
         "layers_total": len(layers),
         "rank": recorded.get("config", {}).get("rank"),
@@ -164,7 +171,7 @@ def inspect_index(index_dir: str | Path, verify: bool = False) -> dict[str, Any]
         "layers": {
             "count": len(identity["layers"]),
             "projection_factor": identity["projection"]["factor"],
-            "factor_rank": sorted({spec["c"] for spec in identity["layers"]}),
+            "factor_rank": sorted({spec["c"] for spec in identity["layers"] if spec["c"]}),
             "D_total": sum(spec["d1"] * spec["d2"] for spec in identity["layers"]),
         },
         "stages": {"extract": extract_state, "curvature": curv_state, "query": query["done"]},
@@ -226,8 +233,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"index {report['index']}  (code {report['code_version']})",
         f"model {report['model']['class']} [{report['model']['hash']}], tokenizer "
         f"{tok.get('class', '?')} vocab {tok.get('vocab_size', '?')} [{tok.get('hash', '?')}]",
-        f"layers {lay['count']} tracked, f={lay['projection_factor']}, c={lay['factor_rank']}, "
-        f"sum of D = {lay['D_total']}",
+        f"layers {lay['count']} tracked, f={lay['projection_factor']}, "
+        f"c={lay['factor_rank'] or 'none (dense rows)'}, sum of D = {lay['D_total']}",
         f"stages: extract {stages['extract']}, curvature {stages['curvature']}, query "
         f"{'done' if stages['query'] else 'not run'}",
         f"shards ({layout['num_tasks']} array task(s) x {layout['world_size']} rank(s)):",
@@ -239,7 +246,15 @@ def format_report(report: dict[str, Any]) -> str:
         f"bytes: shards {human_bytes(by['shards'])}, in progress {human_bytes(by['in_progress'])}, "
         f"curvature {human_bytes(by['curvature'])}, coordinates {human_bytes(by['coords'])}",
     ]
-    if cv["layers_done"]:
+    if cv["method"] != "lorif":
+        lines.append(
+            f"method {cv['method']}: dense projected gradients, "
+            + ("exact damped inverse per layer" if cv["method"] == "logra" else "no curvature")
+        )
+        if cv["lambda_range"]:
+            lo, hi = cv["lambda_range"]
+            lines.append(f"  damping lambda {lo:.3g} .. {hi:.3g}")
+    elif cv["layers_done"]:
         evar = cv["explained_variance"]
         lowest = ", ".join(f"{name} {value:.3f}" for name, value in evar["lowest"])
         lines.append(

@@ -11,6 +11,7 @@ from lorif_dist.curvature import run_curvature
 from lorif_dist.data import load_examples
 from lorif_dist.distributed import init_runtime
 from lorif_dist.extract import GradientExtractor, load_train_examples, run_extract
+from lorif_dist.inspection import format_report, inspect_index
 from lorif_dist.manifest import IndexMismatchError, load_manifest
 from lorif_dist.normalize import largest_hub
 from lorif_dist.query import load_score_matrix, output_dir, run_query
@@ -118,6 +119,13 @@ def test_baselines_and_normalizations_equal_brute_force(
         _assert_matches(scores, expected[name], expected["ids"], f"{method} {name}")
     cosine = results["cosine"][0][:, expected["ids"]]
     assert np.abs(cosine).max() <= 1 + 1e-12
+
+    # `lorif inspect` reads the dense index: curvature done, not suggested again (the
+    # queries above wrote elsewhere, so the query is what it suggests).
+    report = inspect_index(cfg.run.index_dir)
+    assert report["stages"]["curvature"] == "done", report["curvature"]
+    assert len(report["next"]) == 1 and " lorif query " in report["next"][0], report["next"]
+    assert f"method {method}" in format_report(report)
 
 
 @pytest.mark.parametrize("path", ["dense", "factored"])
