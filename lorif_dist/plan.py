@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from lorif_dist.config import Config
+from lorif_dist.logging_utils import human_bytes
 from lorif_dist.modeling import TORCH_DTYPES, LayerSpec, select_layers
 from lorif_dist.projection import projected_dims
 from lorif_dist.storage import NP_DTYPES, FactorBlock, ShardWriter
@@ -348,6 +349,25 @@ def _storage_plan(layers: list[LayerPlan], inputs: PlanInputs) -> dict[str, Any]
     }
 
 
+def dense_method_refusal(layers: list[LayerPlan], inputs: PlanInputs) -> str:
+    """The plan models LoRIF's index; for the dense baselines it says what dominates."""
+    ex, cc = inputs.cfg.extract, inputs.cfg.curvature
+    scale_b = 8 if ex.storage_dtype == "float64" else 4
+    per_example = sum(s.dim * DTYPE_BYTES[ex.storage_dtype] + scale_b for s in layers)
+    text = (
+        f"lorif plan models extract.method lorif only, got {ex.method!r}. Its dense rows take "
+        f"{human_bytes(per_example)} per example at f={ex.projection_factor} "
+        f"({human_bytes(per_example * inputs.num_examples)} for N={inputs.num_examples:,})"
+    )
+    if ex.method == "logra":
+        inverse = [s.dim**2 * DTYPE_BYTES[cc.compute_dtype] for s in layers]
+        text += (
+            f"; its damped inverses {human_bytes(sum(inverse))} on disk, the largest "
+            f"layer's {human_bytes(max(inverse))} in memory at once"
+        )
+    return text + ". Plan the LoRIF index with --extract.method lorif."
+
+
 def make_plan(inputs: PlanInputs) -> dict[str, Any]:
     """Shapes, bytes, memory and time of a run, as a dict (`format_plan` prints it)."""
     cfg = inputs.cfg
@@ -356,6 +376,8 @@ def make_plan(inputs: PlanInputs) -> dict[str, Any]:
     model = meta_model(hf_config, cfg.model.trust_remote_code)
     specs = select_layers(model, ex.layers, ex.exclude_layers)
     layers = plan_layers(specs, ex.projection_factor, ex.factor_rank, ex.exact_factors)
+    if ex.method != "lorif":
+        raise ValueError(dense_method_refusal(layers, inputs))
     num_params = sum(p.numel() for p in model.parameters())
     weights_bytes = num_params * DTYPE_BYTES[cfg.model.dtype]
     rows = _layer_rows(layers, inputs)

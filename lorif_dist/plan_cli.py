@@ -100,7 +100,11 @@ def add_plan_arguments(sub: argparse._SubParsersAction) -> None:
         help="config.json (or checkpoint directory); default: the recipe's model.name_or_path",
     )
     p.add_argument("--num-examples", type=int, required=True, help="N, training examples")
-    p.add_argument("--mean-tokens", type=float, default=512.0, help="mean tokens per example")
+    p.add_argument(
+        "--mean-tokens",
+        type=float,
+        help="mean tokens per example (default: 512, or the recipe's data.max_length if lower)",
+    )
     p.add_argument("--world-size", type=int, default=1, help="ranks per array task")
     p.add_argument("--num-tasks", type=int, default=1, help="SLURM array tasks")
     p.add_argument("--num-queries", type=int, default=64, help="queries per query batch")
@@ -129,7 +133,7 @@ def run_plan_command(args: argparse.Namespace, overrides: list[str]) -> dict[str
         cfg=cfg,
         model_config=model,
         num_examples=args.num_examples,
-        mean_tokens=args.mean_tokens,
+        mean_tokens=args.mean_tokens or float(min(512, cfg.data.max_length)),
         world_size=args.world_size,
         num_tasks=args.num_tasks,
         tokens_per_second=tps,

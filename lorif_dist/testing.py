@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import torch
@@ -141,4 +140,12 @@ def write_tiny_inputs(out: str | Path, num_train: int = 24, num_queries: int = 3
 
 
 if __name__ == "__main__":
-    print(write_tiny_inputs(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny"))
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lorif_dist.testing",
+        description="Writes the inputs of configs/tiny.yaml: a tiny random Llama-style model, "
+        "a tiny GPT-2, training and query data.",
+    )
+    parser.add_argument("out", nargs="?", default="runs/tiny", help="folder (default runs/tiny)")
+    print(write_tiny_inputs(parser.parse_args().out))

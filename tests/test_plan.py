@@ -128,3 +128,21 @@ def test_plan_errors_name_the_flag(tmp_path):
     args = ["plan", "--model", str(MODELS / "llama-3-8b"), "--num-examples", "0"]
     assert main(args) == 2
     assert torch.device("meta")  # the meta device exists in this torch
+
+
+def test_plan_refuses_dense_methods_with_their_sizes(capsys):
+    """logra/graddot are not modelled: refused, with the rows and inverses that dominate."""
+    args = ["plan", "--model", str(MODELS / "llama-3-8b"), "--num-examples", "10"]
+    assert main(args + ["--extract.method", "logra"]) == 2
+    err = capsys.readouterr().err
+    assert "extract.method lorif only, got 'logra'" in err and "damped inverses" in err
+    assert main(args + ["--extract.method", "graddot"]) == 2
+    assert "got 'graddot'" in capsys.readouterr().err
+
+
+def test_plan_mean_tokens_default_respects_the_recipe_max_length(capsys):
+    args = ["plan", "--model", str(MODELS / "llama-3-8b"), "--num-examples", "10", "--json"]
+    assert main(args + ["--data.max_length", "96"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["mean_tokens"] == 96
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["mean_tokens"] == 512
