@@ -417,7 +417,7 @@ def build_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
             try:
                 kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
             except ConfigError as e:
-                problems.append(str(e))
+                problems.extend(e.problems)
         try:
             sections[name] = cls(**kwargs)
         except TypeError as e:

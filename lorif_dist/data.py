@@ -55,26 +55,27 @@ class TokenizeReport:
 # Reading records.
 
 
-def read_records(files: Sequence[str], limit: int | None = None) -> list[dict[str, Any]]:
-    """Reads json / jsonl / parquet files through `datasets`, concatenated in order."""
+def read_records(
+    files: Sequence[str], limit: int | None = None, field: str = "data.train_files"
+) -> list[dict[str, Any]]:
+    """Reads json / jsonl / parquet files through `datasets`, concatenated in order.
+
+    `field` is the config field the files came from, named in errors.
+    """
     import datasets
 
     if not files:
-        raise ValueError(
-            "no data files given: set data.train_files (or query.files) to json, jsonl or "
-            "parquet files"
-        )
+        raise ValueError(f"no data files given: set {field} to json, jsonl or parquet files")
     records: list[dict[str, Any]] = []
     for name in files:
         path = Path(name)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"data file {name!r} not found; check data.train_files / query.files"
-            )
+            where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+            raise FileNotFoundError(f"{field}: data file {name!r} not found{where}")
         kind = SUFFIXES.get(path.suffix.lower())
         if kind is None:
             raise ValueError(
-                f"data file {name!r}: expected a .json, .jsonl or .parquet file, "
+                f"{field}: data file {name!r}: expected a .json, .jsonl or .parquet file, "
                 f"got suffix {path.suffix!r}"
             )
         if kind == "json" and path.stat().st_size < 64 and path.read_text().strip() in ("", "[]"):

@@ -124,7 +124,7 @@ def load_queries(cfg: Config, extractor: GradientExtractor) -> list[Example]:
     if cfg.query.files:
         # As chat records, read in data.format, like the generated answers below: one
         # format for all, whatever data.format says.
-        for record in read_records(cfg.query.files):
+        for record in read_records(cfg.query.files, field="query.files"):
             messages = to_messages(record, d.format, d.system_prompt, d.template_vars)
             records.append({"messages": messages})
     if cfg.query.prompts:

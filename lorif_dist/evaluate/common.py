@@ -81,7 +81,7 @@ def load_query_examples(cfg: Config, tokenizer: Any) -> list[Example]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run `lorif query` first")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    records = read_records(cfg.query.files) if cfg.query.files else []
+    records = read_records(cfg.query.files, field="query.files") if cfg.query.files else []
     from_files = _tokenize_records(cfg, tokenizer, records)
     generated = []
     for row in rows[len(from_files) :]:
