@@ -258,7 +258,7 @@ def run_extract(
         record_extract_run(cfg)
         logger.info(
             "extract: %s, %d examples (%d skipped, %d truncated at %d tokens), %d layers, f=%d, "
-            "c=%d, %d task(s) x %d rank(s), index %s",
+            "c=%s, %d task(s) x %d rank(s), index %s",
             cfg.extract.method,
             len(examples),
             len(report.skipped),
@@ -266,7 +266,7 @@ def run_extract(
             cfg.data.max_length,
             len(extractor.specs),
             cfg.extract.projection_factor,
-            cfg.extract.factor_rank,
+            cfg.extract.factor_rank if not extractor.dense_storage else "none (dense rows)",
             runtime.num_tasks,
             runtime.world_size,
             cfg.run.index_dir,
@@ -312,15 +312,26 @@ def run_extract(
     # Summary across ranks: totals, and the slowest rank's time.
     totals = coll.all_reduce_sum(
         torch.tensor(
-            [stats["examples"], stats["tokens"], len(stats["skipped_ids"]), stats["bytes"]],
+            [
+                stats["examples"],
+                stats["tokens"],
+                len(stats["skipped_ids"]),
+                stats["bytes"],
+                len(mine),
+                sum(len(b) for b in batches[:done]),
+            ],
             dtype=torch.float64,
         )
     ).tolist()
     seconds = coll.max_float(timer.seconds)
     result = ExtractResult(int(totals[0]), int(totals[1]), int(totals[2]), int(totals[3]), seconds)
+    # examples: computed by this run; task_examples: this array task's share of the data,
+    # resumed_examples: the part of it earlier runs had already written.
     summary(
         "extract",
         examples=result.num_examples,
+        task_examples=int(totals[4]),
+        resumed_examples=int(totals[5]),
         tokens=result.num_tokens,
         skipped_nonfinite=result.num_skipped,
         examples_per_s=result.num_examples / max(seconds, 1e-9),

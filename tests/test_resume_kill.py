@@ -109,6 +109,8 @@ def test_sigkill_mid_shard_resumes_bit_identical(tmp_path, checkpoints):
     assert f"resumes after {parts_batches} of {total} batches" in resumed_log
     redone = _batches_logged(resumed_log)
     assert min(redone) == parts_batches and max(redone) == total - 1  # nothing written redone
+    # The summary tells what this run computed apart from what it found written.
+    assert f"resumed_examples={parts_examples} " in resumed_log, resumed_log[-2000:]
 
     assert finish(straight_proc) == 0, (tmp_path / "straight.log").read_text()[-3000:]
 
