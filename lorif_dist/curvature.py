@@ -29,7 +29,13 @@ from lorif_dist.config import Config
 from lorif_dist.distributed import Runtime
 from lorif_dist.integrity import open_shards
 from lorif_dist.logging_utils import Timer, logger, progress, summary
-from lorif_dist.manifest import load_manifest, require_complete, update_section
+from lorif_dist.manifest import (
+    describe_mismatch,
+    identity_config,
+    load_manifest,
+    require_complete,
+    update_section,
+)
 from lorif_dist.modeling import TORCH_DTYPES
 from lorif_dist.projection import layer_seed
 from lorif_dist.rsvd import Eigen, damping_value, explained_variance, randomized_eigh
@@ -145,10 +151,33 @@ def record_curvature(
     runtime.collective.barrier()  # a query started next in this process must see the entry
 
 
+def warn_ignored_settings(cfg: Config, runtime: Runtime, manifest: dict[str, Any]) -> None:
+    """Curvature reads the index as it was extracted: model, data and extract settings of
+    this run that differ from the index's have no effect, and rank 0 says so."""
+    recorded = manifest["identity"].get("config")
+    if not runtime.is_main or not isinstance(recorded, dict):
+        return
+    mine = identity_config(cfg.to_dict())
+    # Only the fields the index recorded (an index of an older version records fewer).
+    ours = {
+        sec: {k: mine[sec].get(k) for k in fields}
+        for sec, fields in recorded.items()
+        if sec in mine and isinstance(fields, dict)
+    }
+    diff = describe_mismatch({sec: recorded[sec] for sec in ours}, ours)
+    if diff:
+        logger.warning(
+            "curvature: the index was extracted with other settings; these of this run are "
+            "ignored (the stored gradients are used as they are):\n  %s",
+            "\n  ".join(diff),
+        )
+
+
 def run_curvature(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     """Computes and saves (V, s, lambda) for every tracked layer of the index."""
     from lorif_dist.baselines import index_method, run_baseline_curvature
 
+    warn_ignored_settings(cfg, runtime, load_manifest(cfg.run.index_dir))
     if index_method(load_manifest(cfg.run.index_dir)) != "lorif":
         return run_baseline_curvature(cfg, runtime)  # logra / graddot
     timer = Timer()

@@ -52,7 +52,9 @@ def test_missing_data_file(tmp_path, checkpoints, data_files):
         "--data.train_files",
         str(tmp_path / "gone.json"),
     ]
-    with pytest.raises(FileNotFoundError, match="data.train_files: data file .*gone.json.* not found"):
+    with pytest.raises(
+        FileNotFoundError, match="data.train_files: data file .*gone.json.* not found"
+    ):
         run_pipeline(overrides)
 
 

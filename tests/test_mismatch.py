@@ -35,7 +35,9 @@ def _refused(cfg, stage: str) -> str:
     return str(info.value)
 
 
-def test_other_tokenizer_dataset_or_config_is_refused_showing_both_sides(tmp_path, checkpoints):
+def test_other_tokenizer_dataset_or_config_is_refused_showing_both_sides(
+    tmp_path, checkpoints, capsys
+):
     model = tmp_path / "model"
     shutil.copytree(checkpoints["llama"], model)
     train = write_json(tmp_path / "train.json", make_records(8, seed=2))
@@ -88,3 +90,12 @@ def test_other_tokenizer_dataset_or_config_is_refused_showing_both_sides(tmp_pat
     overrides = tiny_overrides(model, train, index)
     assert main(["extract", "--config", str(TINY_RECIPE), *overrides, "--force"]) == 2
     assert (file_sha256(shard_path(index, 0, 0)), (index / "manifest.json").read_text()) == before
+
+    # Curvature reads the stored gradients as they are: other extract settings are named in
+    # a warning (they have no effect), and the index's curvature is unchanged.
+    curvature_file = next((index / "curvature").glob("*.h5"))
+    curvature_sha = file_sha256(curvature_file)
+    capsys.readouterr()
+    run_curvature(replace(cfg, extract={"projection_factor": 4}), runtime)
+    assert "extract.projection_factor: index has 2, this run has 4" in capsys.readouterr().err
+    assert file_sha256(curvature_file) == curvature_sha
