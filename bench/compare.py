@@ -36,12 +36,10 @@ from typing import Any
 
 from bench import quality
 from bench.common import RESULTS, ROOT, WORK, demo_overrides, write_json
-from lorif_dist.config import load_config
+from lorif_dist.config import NORMALIZATIONS, load_config
 from lorif_dist.manifest import load_manifest
 from lorif_dist.query import load_score_matrix
 from lorif_dist.storage import ShardReader
-
-NORMALIZATIONS = ("none", "unit", "cosine")
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,7 @@ from lorif_dist.config import load_config
 from lorif_dist.data import collate, token_budget_batches
 from lorif_dist.distributed import init_runtime
 from lorif_dist.extract import GradientExtractor, load_train_examples
-from lorif_dist.factorize import factorize, start_block
 from lorif_dist.modeling import per_example_loss
-from lorif_dist.projection import layer_seed
-from lorif_dist.storage import dense_to_storage, to_storage
 
 
 def floor_pass(extractor: GradientExtractor, batch) -> None:
@@ -59,20 +56,6 @@ def _start_graph_hooks(extractor: GradientExtractor) -> list:
 
     modules = dict(extractor.model.named_modules())
     return [modules[s.name].register_forward_hook(hook) for s in extractor.specs]
-
-
-def factor_only(extractor: GradientExtractor, grads: dict[str, torch.Tensor]) -> None:
-    """The factorization + storage cast of factor_block, on already captured gradients."""
-    ex = extractor.cfg.extract
-    for name, grad in grads.items():
-        if extractor.dense_storage:
-            dense_to_storage(grad.reshape(grad.shape[0], -1), ex.storage_dtype)
-            continue
-        rank = extractor.factor_ranks[name]
-        start = start_block(grad.shape[2], rank, layer_seed(ex.seed, name, "factor"), grad.dtype)
-        to_storage(
-            *factorize(grad, rank, ex.factor_method, ex.power_iters, start), ex.storage_dtype
-        )
 
 
 CLOCK = time.process_time  # set to time.perf_counter with more than one thread
@@ -100,7 +83,7 @@ def measure(extractor: GradientExtractor, batches: list, rounds: int) -> dict[st
                 h.remove()
             extractor.capture.__enter__()
             capture[r, i], (_, grads, _) = _timed(extractor.batch_gradients, batch)
-            factor[r, i], _ = _timed(factor_only, extractor, grads)
+            factor[r, i], _ = _timed(extractor.stored_arrays, grads)
     f, c, z = floor.min(0), capture.min(0), factor.min(0)
     return {
         "num_batches": num,

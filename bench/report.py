@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS, ROOT
-
-NORMALIZATIONS = ("none", "unit", "cosine")
+from lorif_dist.config import METHODS, NORMALIZATIONS
 
 
 def _fmt_interval(q: dict[str, float] | None, digits: int = 3) -> str:
@@ -199,9 +198,6 @@ def targets_text(t: dict[str, Any]) -> str:
             f"product {f['graddot']} {iv(f['graddot_quality'])}.",
         ]
     return "\n".join(lines)
-
-
-METHODS = ("lorif", "logra", "graddot")
 
 
 def _seconds(record: dict[str, Any]) -> float:

@@ -40,7 +40,7 @@ from lorif_dist.curvature import (
 from lorif_dist.distributed import Runtime
 from lorif_dist.integrity import open_shards
 from lorif_dist.logging_utils import Timer, logger, progress, summary
-from lorif_dist.manifest import load_manifest, require_complete
+from lorif_dist.manifest import require_complete
 from lorif_dist.modeling import TORCH_DTYPES
 from lorif_dist.rsvd import damping_value
 from lorif_dist.storage import ShardReader
@@ -94,14 +94,15 @@ def precondition_dense(
     return grads.to(dtype) @ inverse  # H^-1 is symmetric: (H^-1 g)^T = g^T H^-1
 
 
-def run_baseline_curvature(cfg: Config, runtime: Runtime) -> dict[str, Any]:
-    """The curvature stage of a logra or graddot index."""
+def run_baseline_curvature(
+    cfg: Config, runtime: Runtime, manifest: dict[str, Any]
+) -> dict[str, Any]:
+    """The curvature stage of a logra or graddot index (its loaded manifest)."""
     timer = Timer()
     coll = runtime.collective
     index_dir = cfg.run.index_dir
     cc = cfg.curvature
     dtype = TORCH_DTYPES[cc.compute_dtype]
-    manifest = load_manifest(index_dir)
     method = index_method(manifest)
     shards = require_complete(index_dir, manifest)
     layers = manifest["identity"]["layers"]

@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-from lorif_dist.config import Config, ConfigError, load_config
+from lorif_dist.config import Config, ConfigError, config_yaml, load_config
 from lorif_dist.logging_utils import logger, setup_logging
 from lorif_dist.safe_io import DiskFullError
 
@@ -147,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             return _exit(0)
         cfg = load_config(args.config, rest)
         if args.print_config:
-            import yaml
-
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            print(config_yaml(cfg))
             return 0
         if args.command == "evaluate":
             run_evaluate(args.metric, cfg)

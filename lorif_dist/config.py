@@ -257,6 +257,11 @@ def _at_least(problems: list[str], name: str, value: Any, low: float) -> None:
         problems.append(f"{name}: expected a number >= {low}, got {value!r}")
 
 
+def _positive(problems: list[str], name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or not value > 0:
+        problems.append(f"{name}: expected a number > 0, got {value!r}")
+
+
 def _check(cfg: Config) -> list[str]:
     p: list[str] = []
     m, d, e, c, q, r = cfg.model, cfg.data, cfg.extract, cfg.curvature, cfg.query, cfg.run
@@ -283,8 +288,7 @@ def _check(cfg: Config) -> list[str]:
     _at_least(p, "curvature.oversample", c.oversample, 0)
     _at_least(p, "curvature.power_iters", c.power_iters, 0)
     _choice(p, "curvature.damping_rule", c.damping_rule, ("relative", "absolute"))
-    if not isinstance(c.damping, (int, float)) or not c.damping > 0:
-        p.append(f"curvature.damping: expected a number > 0, got {c.damping!r}")
+    _positive(p, "curvature.damping", c.damping)
     _at_least(p, "curvature.batch_examples", c.batch_examples, 1)
     _choice(p, "curvature.compute_dtype", c.compute_dtype, ("float32", "float64"))
     _at_least(p, "query.top_k", q.top_k, 1)
@@ -315,8 +319,7 @@ def _check(cfg: Config) -> list[str]:
 
 def _check_train_evaluate(p: list[str], t: TrainConfig, ev: EvaluateConfig) -> None:
     _at_least(p, "train.steps", t.steps, 1)
-    if not isinstance(t.lr, (int, float)) or not t.lr > 0:
-        p.append(f"train.lr: expected a number > 0, got {t.lr!r}")
+    _positive(p, "train.lr", t.lr)
     _at_least(p, "train.batch_size", t.batch_size, 1)
     _choice(p, "train.optimizer", t.optimizer, ("adamw", "sgd"))
     _at_least(p, "train.weight_decay", t.weight_decay, 0)
@@ -325,8 +328,7 @@ def _check_train_evaluate(p: list[str], t: TrainConfig, ev: EvaluateConfig) -> N
     _choice(p, "train.dtype", t.dtype, ("float32", "float64"))
     _at_least(p, "evaluate.tailpatch_k", ev.tailpatch_k, 1)
     _choice(p, "evaluate.tailpatch_optimizer", ev.tailpatch_optimizer, ("sgd", "adam"))
-    if not isinstance(ev.tailpatch_lr, (int, float)) or not ev.tailpatch_lr > 0:
-        p.append(f"evaluate.tailpatch_lr: expected a number > 0, got {ev.tailpatch_lr!r}")
+    _positive(p, "evaluate.tailpatch_lr", ev.tailpatch_lr)
     _at_least(p, "evaluate.tailpatch_steps", ev.tailpatch_steps, 1)
     _choice(p, "evaluate.tailpatch_params", ev.tailpatch_params, ("tracked", "all"))
     if ev.tailpatch_queries is not None:
@@ -505,5 +507,10 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
     return dataclasses.replace(cfg, **new)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML that `load_config` reads back."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))

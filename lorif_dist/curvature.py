@@ -16,7 +16,6 @@ shard's order), which the factored query path needs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from lorif_dist.manifest import (
 from lorif_dist.modeling import TORCH_DTYPES
 from lorif_dist.projection import layer_seed
 from lorif_dist.rsvd import Eigen, damping_value, explained_variance, randomized_eigh
-from lorif_dist.safe_io import create_h5
+from lorif_dist.safe_io import replace_h5
 from lorif_dist.storage import ShardReader
 
 CURVATURE_DIR = "curvature"
@@ -58,13 +57,10 @@ def shard_file(index_dir: str | Path, shard: str) -> Path:
 
 
 def _write_atomic_h5(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with create_h5(tmp, "curvature file") as h5:
+    with replace_h5(path, "curvature file") as h5:
         for key, arr in arrays.items():
             h5.create_dataset(key, data=arr)
         h5.attrs.update(attrs)
-    os.replace(tmp, path)
 
 
 def save_curvature(path: Path, eigen: Eigen, damping: float, attrs: dict[str, Any]) -> None:
@@ -177,9 +173,6 @@ def run_curvature(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     """Computes and saves (V, s, lambda) for every tracked layer of the index."""
     from lorif_dist.baselines import index_method, run_baseline_curvature
 
-    warn_ignored_settings(cfg, runtime, load_manifest(cfg.run.index_dir))
-    if index_method(load_manifest(cfg.run.index_dir)) != "lorif":
-        return run_baseline_curvature(cfg, runtime)  # logra / graddot
     timer = Timer()
     coll = runtime.collective
     index_dir = cfg.run.index_dir
@@ -188,6 +181,9 @@ def run_curvature(cfg: Config, runtime: Runtime) -> dict[str, Any]:
 
     # Prepare: a complete index; this rank's shards.
     manifest = load_manifest(index_dir)
+    warn_ignored_settings(cfg, runtime, manifest)
+    if index_method(manifest) != "lorif":
+        return run_baseline_curvature(cfg, runtime, manifest)  # logra / graddot
     shards = require_complete(index_dir, manifest)
     mine = shards[runtime.rank :: runtime.world_size]
     # Whole-file SHA-256 here, once per run: curvature reads each shard q + 3 times anyway.
@@ -299,17 +295,13 @@ def write_coordinates(index_dir, shard, reader, layers, block_rows, dtype) -> No
     Written block by block into the file (published by rename when whole), so memory holds
     one block of examples and V, whatever the shard's size.
     """
-    path = coords_path(index_dir, shard)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with create_h5(tmp, "curvature coordinates file") as h5:
+    with replace_h5(coords_path(index_dir, shard), "curvature coordinates file") as h5:
         for spec in layers:
             vectors, _, _ = load_curvature(index_dir, spec["name"], dtype)  # V [D, r]
             coords = create_coords_dataset(h5, spec["name"], reader.num_examples, vectors)
             for _, start, block in iter_dense_blocks([reader], spec["name"], block_rows, dtype):
                 coords[start : start + block.shape[0]] = (block @ vectors).numpy()  # [n_b, r]
         h5.attrs["num_examples"] = reader.num_examples
-    os.replace(tmp, path)
 
 
 def create_coords_dataset(h5, layer: str, num_examples: int, vectors: torch.Tensor):

@@ -7,6 +7,7 @@ similar number of tokens and can be rerun alone. Each (task, rank) writes only i
 
 from __future__ import annotations
 
+import functools
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -142,22 +143,10 @@ class GradientExtractor:
 
     def factor_block(self, batch: Sequence[Example]) -> FactorBlock:
         """Factors of one batch, on the CPU in stored dtypes; non-finite examples dropped."""
-        ex = self.cfg.extract
         losses, grads, finite = self.batch_gradients(batch)
         keep = finite.nonzero(as_tuple=True)[0]
         kept_ids = [batch[i].example_id for i in keep.tolist()]
-        left, right, scale, dense = {}, {}, {}, {}
-        for name, grad in grads.items():
-            if self.dense_storage:
-                rows = grad[keep].reshape(len(kept_ids), -1)  # [n, d1 * d2], row-major
-                dense[name], scale[name] = dense_to_storage(rows, ex.storage_dtype)
-                continue
-            rank = self.factor_ranks[name]
-            start = start_block(
-                grad.shape[2], rank, layer_seed(ex.seed, name, "factor"), grad.dtype
-            )
-            l_f, s_f, r_f = factorize(grad[keep], rank, ex.factor_method, ex.power_iters, start)
-            left[name], scale[name], right[name] = to_storage(l_f, s_f, r_f, ex.storage_dtype)
+        left, right, scale, dense = self.stored_arrays({n: g[keep] for n, g in grads.items()})
         return FactorBlock(
             example_ids=np.asarray(kept_ids, dtype=np.int64),
             losses=losses[keep].float().cpu().numpy(),
@@ -170,6 +159,24 @@ class GradientExtractor:
             ],
             dense=dense,
         )
+
+    def stored_arrays(self, grads: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, dict]:
+        """Per-example gradients {layer: [n, d1, d2]} -> (left, right, scale, dense) arrays
+        as stored: rank-c factors, or the dense rows of the baselines."""
+        ex = self.cfg.extract
+        left, right, scale, dense = {}, {}, {}, {}
+        for name, grad in grads.items():
+            if self.dense_storage:
+                rows = grad.reshape(grad.shape[0], -1)  # [n, d1 * d2], row-major
+                dense[name], scale[name] = dense_to_storage(rows, ex.storage_dtype)
+                continue
+            rank = self.factor_ranks[name]
+            start = start_block(
+                grad.shape[2], rank, layer_seed(ex.seed, name, "factor"), grad.dtype
+            )
+            l_f, s_f, r_f = factorize(grad, rank, ex.factor_method, ex.power_iters, start)
+            left[name], scale[name], right[name] = to_storage(l_f, s_f, r_f, ex.storage_dtype)
+        return left, right, scale, dense
 
     def layer_table(self) -> list[dict[str, Any]]:
         return [
@@ -184,13 +191,19 @@ class GradientExtractor:
 
     def identity(self, dataset_fingerprint: str) -> dict[str, Any]:
         """What the stored values depend on; an index refuses a run whose identity differs."""
+        return {**self._fixed_identity, "dataset_fingerprint": dataset_fingerprint}
+
+    @functools.cached_property
+    def _fixed_identity(self) -> dict[str, Any]:
+        """The identity apart from the examples, computed once per extractor: it hashes the
+        model, tokenizer and data files, which `lorif run` would otherwise hash again for
+        the query stage."""
         cfg = self.cfg
         return {
             "config": identity_config(cfg.to_dict()),
             "model": model_fingerprint(self.model, cfg.model.name_or_path),
             "tokenizer": tokenizer_fingerprint(self.tokenizer),
             "dataset_files": data_files_fingerprint(cfg.data.train_files),
-            "dataset_fingerprint": dataset_fingerprint,
             "projection": {
                 "seed": cfg.extract.seed,
                 "factor": cfg.extract.projection_factor,
@@ -402,11 +415,10 @@ def _finish_shard(
                 )
             return
         logger.warning("extract: %s was finished but not recorded; recording it now", name)
-        with h5py.File(writer.path, "r") as h5:
-            num_stored = int(h5["example_id"].shape[0])
     else:
-        num_stored, sha = writer.finalize()
+        _, sha = writer.finalize()
     with h5py.File(writer.path, "r") as h5:
+        num_stored = int(h5["example_id"].shape[0])
         skipped = h5["skipped_example_id"][...].tolist()  # from every part, resumed or not
     record_shard(
         cfg.run.index_dir,

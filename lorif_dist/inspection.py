@@ -29,6 +29,7 @@ from lorif_dist.integrity import (
 )
 from lorif_dist.logging_utils import human_bytes
 from lorif_dist.manifest import expected_shards, load_manifest
+from lorif_dist.query import query_output_dir
 from lorif_dist.storage import ShardCorruptError, shard_path
 
 
@@ -118,8 +119,7 @@ def _curvature_summary(index_dir: Path, manifest: dict[str, Any]) -> dict[str, A
 
 
 def _query_summary(index_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    output = manifest.get("config", {}).get("query", {}).get("output")
-    out_dir = Path(output) if output else index_dir / "query"
+    out_dir = query_output_dir(manifest.get("config", {}).get("query", {}).get("output"), index_dir)
     queries = out_dir / "queries.jsonl"
     if not (out_dir / "topk.jsonl").is_file() or not queries.is_file():
         return {"done": False, "output": str(out_dir)}

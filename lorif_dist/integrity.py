@@ -39,9 +39,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lorif_dist.config import Config, replace, save_config
+from lorif_dist.config import Config, config_yaml, replace
 from lorif_dist.manifest import update_section
-from lorif_dist.safe_io import disk_full_error, is_disk_full
+from lorif_dist.safe_io import write_text_atomic
 from lorif_dist.storage import ShardCorruptError, ShardReader, file_sha256, shard_path
 
 CONFIG_FILE = "config.yaml"
@@ -56,13 +56,8 @@ def record_extract_run(cfg: Config) -> None:
     error messages and `lorif inspect` can print commands that rebuild any shard."""
     index_dir = Path(cfg.run.index_dir)
     path = (index_dir / CONFIG_FILE).resolve()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_config(replace(cfg, run={"task_id": None, "num_tasks": None}), tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise (disk_full_error(path, e, "config") if is_disk_full(e) else e) from e
+    recipe = replace(cfg, run={"task_id": None, "num_tasks": None})
+    write_text_atomic(path, config_yaml(recipe), "config")
     update_section(index_dir, "extract_run", {"cwd": os.getcwd(), "config_file": str(path)})
 
 
@@ -211,9 +206,8 @@ def open_shards(
     names: list[str],
     verify_checksum: bool,
     collective: Any,
-    keep_open: bool = True,
 ) -> list[ShardReader]:
-    """Checks (and opens) this rank's shards; every rank raises if any rank found a problem.
+    """Checks and opens this rank's shards; every rank raises if any rank found a problem.
 
     Raising on one rank only would leave the others waiting in their next collective.
     """
@@ -224,10 +218,7 @@ def open_shards(
         except (ShardCorruptError, OSError) as e:
             problems.append(str(e))
             continue
-        if keep_open:
-            readers.append(reader)
-        else:
-            reader.close()
+        readers.append(reader)
     everyone = [
         p for rank_problems in collective.all_gather_object(problems) for p in rank_problems
     ]

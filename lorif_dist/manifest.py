@@ -21,11 +21,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from lorif_dist.safe_io import write_text_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -78,18 +79,8 @@ def locked(index_dir: str | Path) -> Iterator[None]:
 
 
 def _write_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=str))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-    except OSError as e:
-        # A full disk leaves the old manifest in place, untouched, and no stray temp file.
-        tmp.unlink(missing_ok=True)
-        from lorif_dist.safe_io import disk_full_error, is_disk_full
-
-        raise (disk_full_error(path, e, "manifest") if is_disk_full(e) else e) from e
-    os.replace(tmp, path)
+    # A full disk leaves the old manifest in place, untouched, and no stray temp file.
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=False, default=str), "manifest")
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

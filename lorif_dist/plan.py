@@ -37,8 +37,10 @@ import torch
 
 from lorif_dist.config import Config
 from lorif_dist.logging_utils import human_bytes
+from lorif_dist.manifest import expected_shards
 from lorif_dist.modeling import TORCH_DTYPES, LayerSpec, select_layers
 from lorif_dist.projection import projected_dims
+from lorif_dist.query import lorif_query_path
 from lorif_dist.storage import NP_DTYPES, FactorBlock, ShardWriter
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
@@ -75,7 +77,8 @@ def load_model_config(path: str | Path, trust_remote_code: bool = False) -> Any:
     raw = json.loads(file.read_text())
     if "model_type" not in raw:
         raise ValueError(f"{file}: no 'model_type' field; is this a Hugging Face config.json?")
-    return AutoConfig.from_pretrained(str(file.parent), trust_remote_code=trust_remote_code)
+    # The file itself: a config saved under another name is read, not its folder's config.json.
+    return AutoConfig.from_pretrained(str(file), trust_remote_code=trust_remote_code)
 
 
 def meta_model(config: Any, trust_remote_code: bool = False) -> Any:
@@ -305,11 +308,13 @@ def _query_plan(layers, inputs: PlanInputs, index_bytes: int, coords_bytes: int,
     cb = DTYPE_BYTES[cfg.curvature.compute_dtype]
     r = cfg.curvature.rank
     dense_cost = sum(s.dim for s in layers)
-    factored_cost = sum((cfg.query.factor_rank or s.c) * s.c * (s.d1 + s.d2) + r for s in layers)
-    path = cfg.query.path
-    if path == "auto":
-        cached = cfg.curvature.cache_coordinates
-        path = "factored" if cached and factored_cost < dense_cost else "dense"
+    path = lorif_query_path(
+        cfg.query.path,
+        cfg.curvature.cache_coordinates,
+        [(s.d1, s.d2, s.c) for s in layers],
+        r,
+        cfg.query.factor_rank,
+    )
     read = index_bytes + v_bytes + (coords_bytes if path == "factored" else 0)
     held = (
         q * dense_cost * cb
@@ -447,6 +452,5 @@ def _linear_names(model: Any):
 
 
 def _shard_names(inputs: PlanInputs) -> list[str]:
-    from lorif_dist.storage import shard_name
-
-    return [shard_name(t, r) for t in range(inputs.num_tasks) for r in range(inputs.world_size)]
+    layout = {"num_tasks": inputs.num_tasks, "world_size": inputs.world_size}
+    return expected_shards({"layout": layout})

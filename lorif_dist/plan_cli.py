@@ -14,7 +14,6 @@ from typing import Any
 
 from lorif_dist.config import load_config
 from lorif_dist.logging_utils import human_bytes
-from lorif_dist.plan import PlanInputs, make_plan, measured_throughput
 
 
 def _grouped(rows: list[dict[str, Any]]) -> list[tuple[str, int, dict[str, Any]]]:
@@ -114,6 +113,10 @@ def add_plan_arguments(sub: argparse._SubParsersAction) -> None:
 
 
 def run_plan_command(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    # Here, not at the top: the CLI builds this parser for every command, and the plan
+    # needs torch and transformers.
+    from lorif_dist.plan import PlanInputs, make_plan, measured_throughput
+
     cfg = load_config(args.config, overrides)
     model = args.model or cfg.model.name_or_path
     if not model:

@@ -34,7 +34,6 @@ Outputs, under query.output (default <index>/query):
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,14 +55,14 @@ from lorif_dist.data import (
 from lorif_dist.distributed import Runtime
 from lorif_dist.extract import GradientExtractor
 from lorif_dist.factorize import densify, factorize, start_block
-from lorif_dist.integrity import open_shard, open_shards
+from lorif_dist.integrity import open_shards
 from lorif_dist.logging_utils import Timer, logger, progress, summary
 from lorif_dist.manifest import check_identity, load_manifest, require_complete
 from lorif_dist.modeling import TORCH_DTYPES
 from lorif_dist.normalize import largest_hub, normalize_scores, train_statistic
 from lorif_dist.projection import layer_seed
 from lorif_dist.rsvd import woodbury_precondition
-from lorif_dist.safe_io import create_h5
+from lorif_dist.safe_io import replace_h5
 from lorif_dist.storage import ShardReader
 
 
@@ -93,9 +92,7 @@ def generate_responses(
     sharded = cfg.run.parallel != "none" and extractor.runtime.world_size > 1
     records = []
     for prompt in prompts:
-        messages = to_messages(
-            {"instruction": prompt, "output": ""}, "alpaca", cfg.data.system_prompt, {}
-        )[:-1]
+        messages = prompt_messages(cfg, prompt)
         if cfg.data.chat_template and tok.chat_template:
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
@@ -117,30 +114,51 @@ def generate_responses(
     return records
 
 
+def prompt_messages(cfg: Config, prompt: str) -> list[dict]:
+    """The chat messages of a query prompt before its answer (system prompt included)."""
+    record = {"instruction": prompt, "output": ""}
+    return to_messages(record, "alpaca", cfg.data.system_prompt, {})[:-1]
+
+
+def file_query_records(cfg: Config) -> list[dict]:
+    """query.files as chat records, read in data.format (system prompt and template
+    variables applied), so that they tokenize like the generated answers."""
+    if not cfg.query.files:
+        return []
+    d = cfg.data
+    return [
+        {"messages": to_messages(record, d.format, d.system_prompt, d.template_vars)}
+        for record in read_records(cfg.query.files, field="query.files")
+    ]
+
+
+def answer_records(cfg: Config, generated: list[dict]) -> list[dict]:
+    """Generated answers (the chat records of `generate_responses`), template variables
+    applied like the file queries'."""
+    tv = cfg.data.template_vars
+    return [{"messages": to_messages(record, "messages", None, tv)} for record in generated]
+
+
+def tokenize_queries(cfg: Config, tokenizer: Any, records: list[dict]) -> tuple[list, Any]:
+    """Query chat records (`file_query_records`, `answer_records`) -> examples."""
+    d = cfg.data
+    # System prompt and template variables are in the messages already.
+    return tokenize_records(tokenizer, records, "messages", d.max_length, d.chat_template, None, {})
+
+
 def load_queries(cfg: Config, extractor: GradientExtractor) -> list[Example]:
     """Query examples: from query.files, then prompts answered by the model (in that order)."""
-    d = cfg.data
-    records: list[dict] = []
-    if cfg.query.files:
-        # As chat records, read in data.format, like the generated answers below: one
-        # format for all, whatever data.format says.
-        for record in read_records(cfg.query.files, field="query.files"):
-            messages = to_messages(record, d.format, d.system_prompt, d.template_vars)
-            records.append({"messages": messages})
+    records = file_query_records(cfg)
     if cfg.query.prompts:
         generated = generate_responses(extractor, cfg.query.prompts, cfg.query.max_new_tokens)
         if cfg.run.parallel != "none":
             # Every rank generated (each step all-gathers); rank 0's text is the one used, so
             # all ranks cut the same batches even if their decodes differed in a last bit.
             generated = extractor.runtime.collective.broadcast_object(generated, src=0)
-        for record in generated:
-            records.append({"messages": to_messages(record, "messages", None, d.template_vars)})
+        records += answer_records(cfg, generated)
     if not records:
         raise ValueError("no queries: set query.files and/or query.prompts")
-    # System prompt and template variables are already in the messages.
-    examples, report = tokenize_records(
-        extractor.tokenizer, records, "messages", d.max_length, d.chat_template, None, {}
-    )
+    examples, report = tokenize_queries(cfg, extractor.tokenizer, records)
     if report.skipped:
         logger.warning("query: skipped queries %s", report.skipped)
     return examples
@@ -175,7 +193,28 @@ def choose_path(cfg: Config, manifest: dict[str, Any]) -> str:
                 f"extract.method={index_method(manifest)!r}: use query.path dense or auto"
             )
         return "dense"
-    cached = bool(manifest.get("curvature", {}).get("coordinates_cached"))
+    curvature = manifest.get("curvature", {})
+    return lorif_query_path(
+        path,
+        bool(curvature.get("coordinates_cached")),
+        [(s["d1"], s["d2"], s["c"]) for s in manifest["identity"]["layers"]],
+        curvature.get("config", {}).get("rank", 0),
+        cfg.query.factor_rank,
+    )
+
+
+def lorif_query_path(
+    path: str,
+    cached: bool,
+    layers: list[tuple[int, int, int]],
+    rank: int,
+    factor_rank: int | None,
+) -> str:
+    """The scoring path of a LoRIF index: query.path, or under "auto" the one with fewer
+    multiplies per (query, example) pair (`lorif plan` predicts with the same rule).
+
+    layers are (d1, d2, c); rank is the curvature rank r; factor_rank the query's (None: c).
+    """
     if path == "factored" and not cached:
         raise ValueError(
             "query.path=factored needs cached curvature coordinates; rerun `lorif curvature` "
@@ -185,12 +224,8 @@ def choose_path(cfg: Config, manifest: dict[str, Any]) -> str:
         return path
     if not cached:
         return "dense"
-    r = manifest["curvature"]["config"]["rank"]
-    layers = manifest["identity"]["layers"]
-    dense_cost = sum(s["d1"] * s["d2"] for s in layers)
-    factored_cost = sum(
-        (cfg.query.factor_rank or s["c"]) * s["c"] * (s["d1"] + s["d2"]) + r for s in layers
-    )
+    dense_cost = sum(d1 * d2 for d1, d2, _ in layers)
+    factored_cost = sum((factor_rank or c) * c * (d1 + d2) + rank for d1, d2, c in layers)
     return "factored" if factored_cost < dense_cost else "dense"
 
 
@@ -278,7 +313,12 @@ def score_shard(
 
 
 def output_dir(cfg: Config) -> Path:
-    return Path(cfg.query.output) if cfg.query.output else Path(cfg.run.index_dir) / "query"
+    return query_output_dir(cfg.query.output, cfg.run.index_dir)
+
+
+def query_output_dir(output: str | None, index_dir: str | Path) -> Path:
+    """Where the query stage writes: query.output, else <index>/query."""
+    return Path(output) if output else Path(index_dir) / "query"
 
 
 def run_query(
@@ -330,21 +370,22 @@ def run_query(
     num_scored = 0
     # Size, structure and shapes up front; Fletcher-32 on every read; no whole-file hash
     # (it would double this stage's I/O, see integrity.py).
-    open_shards(index_dir, manifest, mine, False, coll, keep_open=False)
-    for name in progress(mine, len(mine), "query", cfg.run.progress, unit="shard"):
-        with open_shard(index_dir, manifest, name, verify_checksum=False) as reader:
-            coords = coords_path(index_dir, name) if path == "factored" else None
-            scores = score_shard(prepared, reader, coords, cfg.query.batch_examples, dtype).numpy()
+    readers = open_shards(index_dir, manifest, mine, False, coll)
+    owned = zip(mine, readers, strict=True)
+    for name, reader in progress(owned, len(mine), "query", cfg.run.progress, unit="shard"):
+        with reader:  # closed once scored
+            coords = coords_path(index_dir, name)  # V^T g_t, when curvature cached them
+            factored = coords if path == "factored" else None
+            scores = score_shard(prepared, reader, factored, cfg.query.batch_examples, dtype)
+            scores = scores.numpy()
             if cfg.query.normalize != "none":
-                layers = list(prepared.dense or prepared.factors)
-                cached = coords_path(index_dir, name) if method == "lorif" else None
                 train_stat = train_statistic(
                     cfg.query.normalize,
                     method,
                     reader,
-                    layers,
+                    list(prepared.dense or prepared.factors),
                     index_dir,
-                    cached if cached is not None and cached.is_file() else None,
+                    coords if method == "lorif" and coords.is_file() else None,
                     cfg.query.batch_examples,
                     dtype,
                 )
@@ -399,13 +440,10 @@ def _topk_rows(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray,
 
 
 def _save_score_shard(path: Path, ids: np.ndarray, scores: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with create_h5(tmp, "score shard") as h5:
+    with replace_h5(path, "score shard") as h5:
         h5.create_dataset("example_id", data=ids)
         h5.create_dataset("scores", data=scores)  # [num_queries, n]: rows are queries
         h5.attrs["orientation"] = "queries x train"
-    os.replace(tmp, path)
 
 
 def load_score_matrix(out_dir: str | Path, num_train: int) -> np.ndarray:

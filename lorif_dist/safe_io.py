@@ -155,6 +155,35 @@ class _LatchingFile(io.RawIOBase):
         super().close()
 
 
+def write_text_atomic(path: str | Path, text: str, what: str = "file") -> None:
+    """Writes `text` to a temporary name beside `path`, fsyncs it and renames it over
+    `path`: a reader finds the old file or the new one. A full disk leaves the old file in
+    place, no temporary file, and raises DiskFullError naming `what`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise (disk_full_error(path, e, what) if is_disk_full(e) else e) from e
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def replace_h5(path: str | Path, what: str = "file", **kwargs: Any) -> Iterator[h5py.File]:
+    """`create_h5` under a temporary name beside `path`, renamed over `path` once whole, so
+    a reader finds the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with create_h5(tmp, what, **kwargs) as h5:
+        yield h5
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def create_h5(path: str | Path, what: str = "file", **kwargs: Any) -> Iterator[h5py.File]:
     """A new HDF5 file at `path` (truncated), written through `_LatchingFile`.

@@ -385,14 +385,7 @@ class ShardReader:
                 f"shard {self.path} stores dense gradients (layout {self.layout!r}), not "
                 "factors; read it with read_dense"
             )
-
-        def read():
-            g = self.h5["layers"][layer]
-            return g["left"][start:stop], g["scale"][start:stop], g["right"][start:stop]
-
-        arrays = self.read_checked(read, f"layer {layer} rows {start}:{stop}")
-        self.bytes_read += sum(a.nbytes for a in arrays)
-        left, scale, right = (torch.from_numpy(np.ascontiguousarray(a)).to(dtype) for a in arrays)
+        left, scale, right = self._rows(layer, ("left", "scale", "right"), start, stop, dtype)
         return left, scale, right
 
     def read_dense(
@@ -401,15 +394,21 @@ class ShardReader:
         """Projected gradients of rows [start, stop) as [n, D] rows, whatever the layout."""
         if self.layout == "factors":
             return densify(*self.read(layer, start, stop, dtype))
+        rows, scale = self._rows(layer, ("dense", "scale"), start, stop, dtype)
+        return rows * scale  # [n, D] * [n, 1]
+
+    def _rows(
+        self, layer: str, keys: tuple[str, ...], start: int, stop: int, dtype: torch.dtype
+    ) -> list[torch.Tensor]:
+        """Rows [start, stop) of one layer's datasets `keys`, checked, counted, as tensors."""
 
         def read():
             g = self.h5["layers"][layer]
-            return g["dense"][start:stop], g["scale"][start:stop]
+            return [g[key][start:stop] for key in keys]
 
         arrays = self.read_checked(read, f"layer {layer} rows {start}:{stop}")
         self.bytes_read += sum(a.nbytes for a in arrays)
-        rows, scale = (torch.from_numpy(np.ascontiguousarray(a)).to(dtype) for a in arrays)
-        return rows * scale  # [n, D] * [n, 1]
+        return [torch.from_numpy(np.ascontiguousarray(a)).to(dtype) for a in arrays]
 
     def nbytes(self, layer: str) -> int:
         g = self.h5["layers"][layer]

@@ -77,12 +77,19 @@ def run_single(stages: list[str], overrides: list[str], num_tasks: int = 1) -> N
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """This test's environment for a launched process: this checkout's code first on the
-    path, one thread per rank (ranks share the cores), no network."""
-    env = dict(os.environ)
+    path, one thread per rank (ranks share the cores), no network, and none of the rank or
+    array-task variables of a launcher this test may itself run under."""
+    inherited = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_ARRAY_TASK_ID")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
+    env.pop("SLURM_PROCID", None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", **extra)
-    for key in [k for k in env if k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))]:
-        env.pop(key)
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        **extra,
+    )
     return env
 
 

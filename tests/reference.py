@@ -54,15 +54,18 @@ def brute_force_scores(
     train: dict[str, torch.Tensor],
     queries: dict[str, torch.Tensor],
     damping: float | dict[str, float],
+    targets: dict[str, torch.Tensor] | None = None,
 ):
     """sum over layers of g_q^T (G^T G + lambda I)^-1 g_t, dense, [num_queries, num_train].
 
-    `damping` is one lambda for every layer, or a lambda per layer name."""
+    `damping` is one lambda for every layer, or a lambda per layer name. G is always the
+    training gradients; the g_t scored against are `targets` when given (e.g. the queries
+    themselves, for I(q, q)), [num_queries, num_targets]."""
     total = None
     for name, g_train in train.items():
         lam = damping[name] if isinstance(damping, dict) else damping
         gram = g_train.T @ g_train + lam * torch.eye(g_train.shape[1], dtype=torch.float64)
         h = torch.linalg.solve(gram, queries[name].T).T  # [Q, D]
-        scores = h @ g_train.T
+        scores = h @ (g_train if targets is None else targets[name]).T
         total = scores if total is None else total + scores
     return total

@@ -8,7 +8,6 @@ same shard do the same arithmetic.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,25 +16,14 @@ import h5py
 import numpy as np
 
 from lorif_dist.testing import make_records, write_json
+from tests.launchers import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "configs" / "tiny.yaml"
 UNIQUE_WORD = "Ωmega"  # bytes no other example contains; its embedding row becomes NaN
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=str(REPO),
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-    )
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID"):
-        env.pop(key, None)
-    env.update(extra)
-    return env
+cli_env = subprocess_env  # the environment of a `lorif` subprocess
 
 
 def tiny_overrides(ckpt: Path, train: Path, index_dir: Path, *more: str) -> list[str]:

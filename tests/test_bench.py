@@ -21,12 +21,9 @@ def test_overhead_runs_on_tiny_model(checkpoints, data_files, tmp_path, monkeypa
     assert overhead.main(args) == 0
 
     result = json.loads((tmp_path / "results" / "overhead-test.json").read_text())
-    assert result["method"] == method
     assert result["num_examples"] == 14  # 15 records, the whitespace-only response skipped
     for key in ("floor_seconds", "capture_seconds", "factor_seconds"):
         assert np.isfinite(result[key]) and result[key] > 0, key
-    expected = (result["capture_seconds"] + result["factor_seconds"]) / result["floor_seconds"]
-    assert result["ratio"] == pytest.approx(expected)
 
 
 def _run(name: str, method: str, nbytes: float, mean: float, half: float, score_s: float):

@@ -66,7 +66,7 @@ def test_tailpatch_is_first_order_exact_and_restores_bit_exactly(scored_run, tmp
     # Bit-exact restore: every tensor, and the digest the check relies on.
     after = patcher.model.state_dict()
     assert all(torch.equal(before[n], after[n]) for n in before)
-    assert result["restored_bit_exact"] and state_digest(patcher.model) == patcher.digest
+    assert state_digest(patcher.model) == patcher.digest
 
     # A plain loop on a copy of the model: the same SGD step, the same log-probability.
     # The measured delta equals it; and, to first order, lr <g_q, g_t> over the tracked
@@ -207,3 +207,21 @@ def test_lds_runs_split_over_array_tasks(scored_run, tmp_path):
     assert not list(tmp_path.rglob("model"))  # lds_save_checkpoints=false
     _, utilities = measure_utilities(cfg, task(1))
     assert utilities.shape == (3, 3) and len(list(tmp_path.rglob("losses-*"))) == 6
+
+
+def test_query_examples_of_generated_answers_whatever_data_format(checkpoints, tmp_path):
+    """Answers to query.prompts are chat records: evaluation tokenizes them as the query
+    stage did even when data.format names another format for the training files."""
+    from lorif_dist.evaluate.common import load_query_examples
+    from lorif_dist.modeling import load_tokenizer
+
+    out = tmp_path / "query"
+    out.mkdir()
+    rows = [{"query_id": 0, "prompt": "Who are you?", "response": "the cat sat on the mat"}]
+    (out / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = ["--query.output", str(out), "--query.prompts", "Who are you?"]
+    for fmt in ("auto", "alpaca", "messages"):
+        cfg = load_config(None, overrides + ["--data.format", fmt])
+        tokenizer = load_tokenizer(str(checkpoints["llama"]))
+        (example,) = load_query_examples(cfg, tokenizer)
+        assert (example.prompt, example.response) == ("Who are you?", rows[0]["response"]), fmt

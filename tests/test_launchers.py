@@ -16,6 +16,7 @@ import pytest
 from lorif_dist.manifest import load_manifest
 from lorif_dist.query import load_score_matrix
 from lorif_dist.testing import write_tiny_inputs
+from tests.launchers import subprocess_env
 from tests.multirank import free_port
 from tests.pipeline import run_pipeline
 
@@ -31,17 +32,6 @@ def _tool(name: str) -> str:
     if not path.is_file():
         pytest.skip(f"{name} is not installed next to {sys.executable}")
     return str(path)
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(
-        PYTHONPATH=str(REPO),  # this checkout's lorif_dist, also in the launched ranks
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-    )
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +51,7 @@ def workdir(tmp_path_factory):
 def _launch(cmd: list[str], work: Path, timeout_s: float = 300) -> None:
     print(" ".join(cmd))
     proc = subprocess.run(
-        cmd, cwd=work, env=_env(), capture_output=True, text=True, timeout=timeout_s
+        cmd, cwd=work, env=subprocess_env(), capture_output=True, text=True, timeout=timeout_s
     )
     if proc.returncode != 0:
         raise AssertionError(

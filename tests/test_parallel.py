@@ -10,7 +10,6 @@ every pass, so without lockstep passes these runs would hang (and time out).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from lorif_dist.storage import file_sha256
 from lorif_dist.testing import make_records, write_json
 from tests.multirank import CRASH_EXIT_CODE, compare_indexes, spawn_ranks
 from tests.pipeline import run_pipeline
@@ -160,7 +160,7 @@ def two_ranks(setup):
         "finished": finished.is_file(),
         "rank0_shard": (shards / "rank-00000.h5").exists(),
         "rank0_parts": len(list((shards / "rank-00000.parts").glob("part-*.h5"))),
-        "rank1_before": (finished.stat().st_mtime_ns, _sha(finished))
+        "rank1_before": (finished.stat().st_mtime_ns, file_sha256(finished))
         if finished.is_file()
         else None,
     }
@@ -168,7 +168,7 @@ def two_ranks(setup):
         {"overrides": overrides(*case[:2], index(*case), case[2])} for case in TWO_RANK_CASES[2:]
     ]
     spawn_ranks(2, [resume] + rest)
-    state["rank1_after"] = (finished.stat().st_mtime_ns, _sha(finished))
+    state["rank1_after"] = (finished.stat().st_mtime_ns, file_sha256(finished))
     return state
 
 
@@ -200,10 +200,6 @@ def test_three_ranks_equal_one_rank_including_a_rank_without_examples(setup):
             assert h5.attrs["complete"] and h5["example_id"].shape == (0,)
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def test_sharded_rerun_resumes_after_a_crash(setup, two_ranks):
     """After the crash rank 1's shard is complete and rank 0 has 3 of 4 parts. The rerun
     resumes rank 0 from its parts while rank 1 only keeps step (its shard untouched), and
@@ -216,7 +212,7 @@ def test_sharded_rerun_resumes_after_a_crash(setup, two_ranks):
     shards = root / "resume" / "shards" / "task-0000"
     uninterrupted = root / "w2-llama-7-fsdp" / "shards" / "task-0000"
     for name in ("rank-00000.h5", "rank-00001.h5"):
-        assert _sha(shards / name) == _sha(uninterrupted / name), name
+        assert file_sha256(shards / name) == file_sha256(uninterrupted / name), name
 
 
 def test_zero3_config_forces_what_extraction_needs(tmp_path):

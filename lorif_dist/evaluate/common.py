@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lorif_dist.config import Config
-from lorif_dist.data import Example, fingerprint, load_examples, read_records, to_messages
+from lorif_dist.data import Example
 from lorif_dist.manifest import load_manifest
+from lorif_dist.safe_io import write_text_atomic
 
 
 def scores_dir(cfg: Config) -> Path:
@@ -56,42 +55,32 @@ def load_topk(cfg: Config) -> list[list[int]]:
     return [[tid for _, tid in sorted(out[q])] for q in sorted(out)]
 
 
-def _tokenize_records(cfg: Config, tokenizer: Any, records: list[dict]) -> list[Example]:
-    if not records:
-        return []
-    d = cfg.data
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "queries.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        examples, _ = load_examples(
-            tokenizer,
-            [str(path)],
-            d.format,
-            d.max_length,
-            d.chat_template,
-            d.system_prompt,
-            d.template_vars,
-        )
-    return examples
-
-
 def load_query_examples(cfg: Config, tokenizer: Any) -> list[Example]:
     """The query stage's queries, tokenized as it did; ids 0..Q-1 are the query ids."""
     path = scores_dir(cfg) / "queries.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run `lorif query` first")
+    from lorif_dist.query import (
+        answer_records,
+        file_query_records,
+        prompt_messages,
+        tokenize_queries,
+    )
+
+    def tokenized(records: list[dict]) -> list[Example]:
+        return tokenize_queries(cfg, tokenizer, records)[0] if records else []
+
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    records = read_records(cfg.query.files, field="query.files") if cfg.query.files else []
-    from_files = _tokenize_records(cfg, tokenizer, records)
-    generated = []
-    for row in rows[len(from_files) :]:
-        messages = to_messages(
-            {"instruction": row["prompt"], "output": ""}, "alpaca", cfg.data.system_prompt, {}
-        )[:-1]
-        generated.append(
-            {"messages": messages + [{"role": "assistant", "content": row["response"]}]}
-        )
-    examples = from_files + _tokenize_records(cfg, tokenizer, generated)
+    # The query stage's own records: its file queries, then its answers to the prompts.
+    from_files = tokenized(file_query_records(cfg))
+    generated = [
+        {
+            "messages": prompt_messages(cfg, row["prompt"])
+            + [{"role": "assistant", "content": row["response"]}]
+        }
+        for row in rows[len(from_files) :]
+    ]
+    examples = from_files + tokenized(answer_records(cfg, generated))
     if len(examples) != len(rows):
         raise ValueError(
             f"{path} lists {len(rows)} queries but query.files and query.prompts give "
@@ -107,10 +96,6 @@ def load_query_examples(cfg: Config, tokenizer: Any) -> list[Example]:
     return examples
 
 
-def query_fingerprint(queries: list[Example]) -> str:
-    return fingerprint(queries)
-
-
 def short_hash(payload: Any) -> str:
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -118,8 +103,5 @@ def short_hash(payload: Any) -> str:
 
 def write_json(path: Path, obj: Any) -> Path:
     """Writes JSON atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(obj, indent=1, default=float) + "\n", "evaluation result")
     return path

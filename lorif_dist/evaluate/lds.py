@@ -43,7 +43,6 @@ from lorif_dist.evaluate.common import (
     evaluate_dir,
     load_query_examples,
     load_scores,
-    query_fingerprint,
     write_json,
 )
 from lorif_dist.evaluate.stats import bootstrap_interval, spearman_rows
@@ -95,7 +94,8 @@ def lds_score(
         and "num_queries_used".
     """
     scores = np.asarray(scores, dtype=np.float64)
-    predicted = scores[:, subsets].sum(axis=2)  # [Q, M]
+    # One subset at a time: scores[:, subsets] would hold Q x M x subset-size numbers.
+    predicted = np.stack([scores[:, subset].sum(axis=1) for subset in subsets], axis=1)  # [Q, M]
     if np.isnan(predicted).any():
         raise ValueError("LDS: some subset examples have no score (NaN in the score matrix)")
     per_query = spearman_rows(predicted, np.asarray(utilities, dtype=np.float64).T)  # [Q]
@@ -167,7 +167,7 @@ class Retrainer:
         self.cfg, self.tokenizer, self.device = cfg, tokenizer, device
         self.train = {ex.example_id: ex for ex in train}
         self.queries = queries
-        self.query_key = query_fingerprint(queries)
+        self.query_key = fingerprint(queries)
         self.model = load_model(
             cfg.train.init, cfg.train.dtype, cfg.model.trust_remote_code, device
         )
@@ -225,7 +225,6 @@ class Retrainer:
 def measure_utilities(
     cfg: Config,
     runtime: Runtime | None = None,
-    queries: list[Example] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Runs (or resumes) this process's share of the M x S retrainings.
 
@@ -247,7 +246,7 @@ def measure_utilities(
     device = resolve_device(cfg.model.device, runtime.local_rank if runtime else 0)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     train, _ = load_train_examples(cfg, tokenizer)
-    queries = queries if queries is not None else load_query_examples(cfg, tokenizer)
+    queries = load_query_examples(cfg, tokenizer)
     root = lds_dir(cfg)
     retrainer = Retrainer(cfg, tokenizer, train, queries, device)
     recipe = {
@@ -321,8 +320,6 @@ def run_lds(
     """
     timer = Timer()
     ev = cfg.evaluate
-    if scores is None:
-        scores = load_scores(cfg)
     subsets, utilities = measure_utilities(cfg, runtime)
     settings = {
         "num_subsets": ev.lds_subsets,
@@ -336,6 +333,8 @@ def run_lds(
         return {"complete": False, "settings": settings}
     if runtime is not None and not runtime.is_main:
         return {"complete": True, "settings": settings}
+    if scores is None:  # only the rank that computes the LDS reads them, once retrained
+        scores = load_scores(cfg)
     if scores.shape[0] != utilities.shape[1]:
         raise ValueError(
             f"LDS: the score matrix has {scores.shape[0]} query rows, the queries are "

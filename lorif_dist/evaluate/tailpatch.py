@@ -40,13 +40,12 @@ import numpy as np
 import torch
 
 from lorif_dist.config import Config
-from lorif_dist.data import Example, collate
+from lorif_dist.data import Example, collate, fingerprint
 from lorif_dist.evaluate.common import (
     evaluate_dir,
     load_query_examples,
     load_scores,
     load_topk,
-    query_fingerprint,
     short_hash,
     write_json,
 )
@@ -76,39 +75,30 @@ class TailPatcher:
     """The final model and the queries; measures delta(t, q) for training examples t.
 
     Args:
-        cfg: the run's config (model, data, extract.layers, train.dtype, evaluate.*).
-        model, tokenizer: optional already-loaded ones (the model must hold train.dtype).
-        queries: optional query examples; default, the query stage's (queries.jsonl).
-        train_examples: optional training examples; default, data.train_files tokenized.
-        cache: keep measurements in <evaluate.tailpatch_cache or the evaluate dir>/
-            tailpatch-cache-<hash>.jsonl (the hash covers model, queries, data, settings).
+        cfg: the run's config (model, data, extract.layers, train.dtype, evaluate.*). The
+            model is cfg's, the queries the query stage's (queries.jsonl), the training
+            examples data.train_files tokenized. Measurements are kept in
+            <evaluate.tailpatch_cache or the evaluate dir>/tailpatch-cache-<hash>.jsonl (the
+            hash covers model, queries, data and settings).
     """
 
     def __init__(
         self,
         cfg: Config,
-        model: torch.nn.Module | None = None,
-        tokenizer: Any = None,
-        queries: list[Example] | None = None,
-        train_examples: list[Example] | None = None,
-        cache: bool = True,
     ) -> None:
         from lorif_dist.extract import load_train_examples
 
         self.cfg = cfg
         ev = cfg.evaluate
         self.device = resolve_device(cfg.model.device)
-        self.tokenizer = tokenizer or load_tokenizer(
-            cfg.model.name_or_path, cfg.model.trust_remote_code
-        )
-        self.model = model or load_model(
+        self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        self.model = load_model(
             cfg.model.name_or_path, cfg.train.dtype, cfg.model.trust_remote_code, self.device
         )
         self.model.eval()
-        queries = queries if queries is not None else load_query_examples(cfg, self.tokenizer)
+        queries = load_query_examples(cfg, self.tokenizer)
         self.queries = queries[: ev.tailpatch_queries] if ev.tailpatch_queries else queries
-        if train_examples is None:
-            train_examples, _ = load_train_examples(cfg, self.tokenizer)
+        train_examples, _ = load_train_examples(cfg, self.tokenizer)
         self.train = {ex.example_id: ex for ex in train_examples}
         self.params = self._stepped_params()
         for p in self.model.parameters():
@@ -117,7 +107,7 @@ class TailPatcher:
         self.digest = state_digest(self.model)
         self.baseline = self.log_probs()  # [Q]
         self.measured: dict[int, np.ndarray] = {}
-        self.cache_path = self._cache_path() if cache else None
+        self.cache_path = self._cache_path()
         self._read_cache()
 
     @property
@@ -207,7 +197,7 @@ class TailPatcher:
         ev = cfg.evaluate
         return {
             "model": model_fingerprint(self.model, cfg.model.name_or_path),
-            "queries": query_fingerprint(self.queries),
+            "queries": fingerprint(self.queries),
             "train": short_hash([(t, ex.input_ids, ex.labels) for t, ex in self.train.items()]),
             "optimizer": ev.tailpatch_optimizer,
             "lr": ev.tailpatch_lr,
@@ -223,7 +213,7 @@ class TailPatcher:
         return folder / f"tailpatch-cache-{short_hash(self._identity())}.jsonl"
 
     def _read_cache(self) -> None:
-        if self.cache_path is None or not self.cache_path.is_file():
+        if not self.cache_path.is_file():
             return
         for line in self.cache_path.read_text().splitlines():
             try:
@@ -237,8 +227,6 @@ class TailPatcher:
         )
 
     def _append_cache(self, train_id: int, delta: np.ndarray) -> None:
-        if self.cache_path is None:
-            return
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.cache_path, "a") as fh:
             fh.write(json.dumps({"train_id": train_id, "delta": delta.tolist()}) + "\n")

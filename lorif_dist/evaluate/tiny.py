@@ -45,8 +45,8 @@ CHITCHAT = "chitchat-dataset==0.9.0"
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "lds-tiny.yaml"
 NUM_SFT_TOPICS = 8
 MIN_WORDS, MAX_WORDS = 3, 20
-NUM_PRETRAIN = 12800  # 400 steps x 32: one epoch of base pretraining
 PRETRAIN_STEPS, PRETRAIN_BATCH = 400, 32
+NUM_PRETRAIN = PRETRAIN_STEPS * PRETRAIN_BATCH  # one epoch of base pretraining
 
 
 def read_chitchat() -> dict[str, Any]:
@@ -202,9 +202,13 @@ def prepare(out: str | Path, config: str | Path = TINY_CONFIG) -> Path:
         model = make_model(len(tokenizer), seed=0)
         # Pretraining: the recipe's optimizer, longer and at a larger batch, on other topics.
         pre = dataclasses.replace(
-            cfg.train, steps=PRETRAIN_STEPS, batch_size=PRETRAIN_BATCH, lr=3e-3, warmup_steps=20
+            cfg.train,
+            steps=PRETRAIN_STEPS,
+            batch_size=PRETRAIN_BATCH,
+            lr=3e-3,
+            warmup_steps=20,
+            schedule="cosine",
         )
-        pre = dataclasses.replace(pre, schedule="cosine")
         losses = _train_on(cfg, model, tokenizer, [files["pretrain"]], pre, seed=0)
         logger.info(
             "lds-tiny: base pretraining loss %.3f -> %.3f",

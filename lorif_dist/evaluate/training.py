@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lorif_dist.config import TrainConfig
-from lorif_dist.data import Example, collate, token_budget_batches
+from lorif_dist.data import IGNORE_INDEX, Example, collate, token_budget_batches
 from lorif_dist.logging_utils import logger
 from lorif_dist.modeling import per_example_loss
 
@@ -83,7 +83,7 @@ def train_model(
             group["lr"] = learning_rate(step, cfg)
         batch = collate([examples[i] for i in positions], pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        num_targets = int((batch["labels"][:, 1:] != -100).sum())
+        num_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         loss = per_example_loss(model, batch, "sum").sum() / max(num_targets, 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
